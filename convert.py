@@ -1,0 +1,336 @@
+"""
+Weights in and out: Hugging Face directories, hub ids and GGUF files -> our Transformer; our models -> a
+Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads with identical outputs.
+
+    python convert.py to-hf SRC OUT [--dtype bfloat16] [--max-shard-size 5GB] [--force]
+
+SRC is a local Hugging Face directory (model.safetensors, sharded safetensors with model.safetensors.index.json,
+or pytorch_model*.bin), a hub id already in the local hub cache (or downloadable when online), or a .gguf file
+(dequantized; its tokenizer is rebuilt with transformers). OUT gets config.json, model.safetensors (sharded above
+--max-shard-size), generation_config.json and the tokenizer files of the source. OUT is written to a temporary
+directory first and renamed into place, so an existing OUT is never left half-written.
+
+Llama and Qwen2 checkpoints already use our module names; GPT-NeoX (Pythia) is mapped through KEYS_NEOX and its
+fused query_key_value (per head [q | k | v]) is split into q_proj / k_proj / v_proj.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelConfig, Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+# GPT-NeoX name -> our name; `{}` is the layer index, None = not a weight (old checkpoints store buffers)
+KEYS_NEOX = {
+    "gpt_neox.embed_in.weight": "model.embed_tokens.weight",
+    "gpt_neox.layers.{}.input_layernorm.{}": "model.layers.{}.input_layernorm.{}",
+    "gpt_neox.layers.{}.post_attention_layernorm.{}": "model.layers.{}.post_attention_layernorm.{}",
+    "gpt_neox.layers.{}.attention.dense.{}": "model.layers.{}.self_attn.o_proj.{}",
+    "gpt_neox.layers.{}.mlp.dense_h_to_4h.{}": "model.layers.{}.mlp.up_proj.{}",
+    "gpt_neox.layers.{}.mlp.dense_4h_to_h.{}": "model.layers.{}.mlp.down_proj.{}",
+    "gpt_neox.final_layer_norm.{}": "model.norm.{}",
+    "embed_out.weight": "lm_head.weight",
+    "gpt_neox.layers.{}.attention.bias": None,
+    "gpt_neox.layers.{}.attention.masked_bias": None,
+    "gpt_neox.layers.{}.attention.rotary_emb.inv_freq": None,
+}
+KEYS_NEOX_INV = {v: k for k, v in KEYS_NEOX.items() if v is not None}
+
+
+class ConvertError(Exception):
+    """A user-facing problem with an input: printed as one line by the CLI."""
+
+
+def _rename(key: str, table: dict) -> str | None:
+    """Map a key through a `{}`-template table: layer indices and the trailing weight/bias fill the `{}`."""
+    parts = re.findall(r"\.(\d+)\.", key)
+    tmpl = re.sub(r"\.\d+\.", ".{}.", key)
+    head, _, last = tmpl.rpartition(".")
+    if tmpl in table:
+        new = table[tmpl]
+    elif head + ".{}" in table:
+        new, parts = table[head + ".{}"], parts + [last]
+    else:
+        raise ConvertError(f"unexpected weight {key!r}")
+    return None if new is None else new.format(*parts)
+
+
+def hf_to_ours(sd: dict, cfg: ModelConfig) -> dict:
+    if not cfg.neox:
+        return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    nh, hs = cfg.num_attention_heads, cfg.head_dim
+    out = {}
+    for k, v in sd.items():
+        if ".attention.query_key_value." in k:
+            i, kind = re.search(r"layers\.(\d+)\..*\.(weight|bias)$", k).groups()
+            qkv = v.view(nh, 3, hs, *v.shape[1:])  # per head [q | k | v], each hs wide
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"model.layers.{i}.self_attn.{name}.{kind}"] = qkv[:, j].reshape(nh * hs, *v.shape[1:])
+            continue
+        new = _rename(k, KEYS_NEOX)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
+    sd = {k: v for k, v in sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    if not cfg.neox:
+        return sd
+    nh, hs = cfg.num_attention_heads, cfg.head_dim
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", k)
+        if m:
+            if m.group(2) == "q":  # fuse once per layer and kind, from the q key
+                i, kind = m.group(1), m.group(3)
+                qkv = [sd[f"model.layers.{i}.self_attn.{c}_proj.{kind}"].view(nh, 1, hs, *v.shape[1:]) for c in "qkv"]
+                out[f"gpt_neox.layers.{i}.attention.query_key_value.{kind}"] = \
+                    torch.cat(qkv, dim=1).reshape(3 * nh * hs, *v.shape[1:])
+            continue
+        out[_rename(k, KEYS_NEOX_INV)] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+def _resolve(src: str) -> str:
+    """A local directory or .gguf file for SRC; a hub id is fetched through huggingface_hub (the cache when offline)."""
+    if os.path.isdir(src) or src.endswith(".gguf"):
+        if not os.path.exists(src):
+            raise ConvertError(f"no such file: {src}")
+        return src
+    if os.path.exists(src):
+        raise ConvertError(f"{src} is neither a model directory nor a .gguf file")
+    if src.startswith((".", "/")) or src.count("/") != 1:
+        raise ConvertError(f"no such model directory: {src} (and it is not a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt",
+                                                      "*.jinja"])
+    except Exception as e:
+        raise ConvertError(f"could not get {src} from the Hugging Face hub or its local cache "
+                           f"({type(e).__name__}); download it first or pass a local directory") from None
+
+
+def _read_weights(path: str) -> dict:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    sd = {}
+    if files:
+        for fn in files:
+            with safe_open(fn, framework="pt") as f:
+                for k in f.keys():
+                    sd[k] = f.get_tensor(k)
+        return sd
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise ConvertError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
+    for fn in files:
+        sd.update(torch.load(fn, map_location="cpu", weights_only=True, mmap=True))
+    return sd
+
+
+def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
+    """A llama-architecture GGUF file -> (config, HF-named fp32 weights). Quantized tensors are dequantized."""
+    import numpy as np
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        raise ConvertError("reading .gguf needs the gguf package: pip install gguf") from None
+    r = GGUFReader(path)
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
+    g = lambda k, default=None: meta.get(f"llama.{k}", default)
+    nh, nkv, d = g("attention.head_count"), g("attention.head_count_kv", g("attention.head_count")), g("embedding_length")
+    vocab = g("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    tensors = {t.name: t for t in r.tensors}
+    tok = lambda k: int(r.fields[k].contents()) if k in r.fields else None
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=g("feed_forward_length"),
+        num_hidden_layers=g("block_count"), num_attention_heads=nh, num_key_value_heads=nkv,
+        head_dim=g("attention.key_length", d // nh), max_position_embeddings=g("context_length", 2048),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(g("rope.freq_base", 1e4)),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=tok("tokenizer.ggml.bos_token_id"), eos_token_id=tok("tokenizer.ggml.eos_token_id"),
+    )
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+             "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+    def unpermute(w, n):  # llama.cpp stores q/k rows interleaved for its RoPE; back to rotate-half order
+        return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    sd = {}
+    for name, t in tensors.items():
+        m = re.match(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$", name)
+        if not m or m.group(2) not in names:
+            continue
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if m.group(2) == "attn_q":
+            w = unpermute(w, nh)
+        elif m.group(2) == "attn_k":
+            w = unpermute(w, nkv)
+        key = names[m.group(2)] + "." + m.group(3)
+        sd[key if m.group(1) is None else f"model.layers.{m.group(1)}.{key}"] = torch.from_numpy(w.copy())
+    return cfg, sd
+
+
+def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
+    """SRC (HF directory, hub id, or .gguf) -> (ModelConfig, state dict in our names, `dtype`)."""
+    path = _resolve(src)
+    if path.endswith(".gguf"):
+        cfg, sd = _read_gguf(path)
+    else:
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = ModelConfig.from_hf(json.load(f))
+        except FileNotFoundError:
+            raise ConvertError(f"{path} has no config.json") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ConvertError(f"{path}/config.json is not a usable model config: {e}") from None
+        sd = hf_to_ours(_read_weights(path), cfg)
+    with torch.device("meta"):
+        expected = set(Transformer(cfg).state_dict())
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        raise ConvertError(f"{src}: weights do not match config.json: {len(missing)} missing "
+                           f"{sorted(missing)[:3]}, {len(unexpected)} unexpected {sorted(unexpected)[:3]}")
+    return cfg, {k: v.to(dtype) for k, v in sd.items()}
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def _parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", s.upper())
+    if not m:
+        raise ConvertError(f"bad size {s!r}; use e.g. 500MB or 5GB")
+    return int(float(m.group(1)) * {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20,
+                                    "G": 2**30, "GB": 2**30}[m.group(2)])
+
+
+def _save_weights(sd: dict, out: str, max_shard_bytes: int):
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + n
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out, fn), metadata={"format": "pt"})
+        weight_map.update({k: fn for k in shard})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dtype=None,
+              max_shard_size: str = "5GB", force: bool = False):
+    """Write `model` as a Hugging Face directory at `out` (atomically: temp dir, then rename)."""
+    if os.path.exists(out) and os.listdir(out) and not force:
+        raise ConvertError(f"{out} exists and is not empty; pass --force to replace it")
+    cfg = model.config
+    sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    try:
+        _save_weights(ours_to_hf(sd, cfg), tmp, _parse_size(max_shard_size))
+        hf = cfg.to_hf()
+        hf["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        _copy_tokenizer(tokenizer_src, tmp)
+        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        if os.path.exists(out):  # --force: move the old one aside only once the new one is complete
+            old = tmp + "-old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_tokenizer(src: str | None, out: str):
+    if src is None:
+        return
+    if src.endswith(".gguf"):  # rebuild tokenizer.json from the GGUF vocabulary and merges
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            print("warning: transformers is not installed; no tokenizer written for the GGUF model", file=sys.stderr)
+            return
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src))
+        tok.save_pretrained(out)
+        return
+    for fn in TOKENIZER_FILES + ("generation_config.json",):
+        if os.path.exists(os.path.join(src, fn)):
+            shutil.copy(os.path.join(src, fn), os.path.join(out, fn))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("to-hf", help="write SRC as a Hugging Face model directory OUT")
+    t.add_argument("src", help="HF model directory, hub id (owner/name) or .gguf file")
+    t.add_argument("out", help="output directory")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype to write (default: as loaded, float32)")
+    t.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
+    t.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    try:
+        if os.path.abspath(args.src) == os.path.abspath(args.out):
+            raise ConvertError("SRC and OUT are the same directory")
+        _parse_size(args.max_shard_size)
+        path = _resolve(args.src)
+        model = Transformer.from_state_dict(*load_hf(path))
+        export_hf(model, args.out, tokenizer_src=path, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                  max_shard_size=args.max_shard_size, force=args.force)
+    except ConvertError as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    cfg = model.config
+    print(f"wrote {args.out}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, {model.num_params() / 1e6:.1f}M non-embedding params")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""
+One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families, with pruning masks.
+
+- Module and config names mirror Hugging Face Llama (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`,
+  `mlp.gate_proj`, `input_layernorm`, `model.norm`, `lm_head`), so Llama/Qwen2 weights load without renaming;
+  convert.py maps GPT-NeoX names onto these and splits its fused QKV.
+- RoPE is rotate-half, as in Hugging Face, so no weight permutation is ever needed; partial rotary (Pythia),
+  linear and Llama-3 frequency scaling are supported.
+- Attention goes through `F.scaled_dot_product_attention`, GQA included (`num_key_value_heads`).
+- `forward(idx, targets, masks=...)` applies the L0 masks of l0.py (`layer_z [L]`, `head_z [L, H_kv]`,
+  `intermediate_z [L, I]`, `hidden_z [d]`); `prune(masks)` folds them and returns a smaller dense model that
+  computes the same function as the masked one.
+
+    from model import Transformer
+    model = Transformer.from_pretrained("path/to/hf_dir")       # or a hub id cached locally
+    logits = model(idx)                                        # (B, T, vocab)
+    loss = model(idx, targets)                                 # mean token cross-entropy
+    tok_loss = model(idx, targets, reduction="none")           # (B, T)
+"""
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "qwen2", "gpt_neox")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"  # llama | qwen2 | gpt_neox
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 0  # 0 -> num_attention_heads (MHA)
+    head_dim: int = 0  # 0 -> hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6  # llama, qwen2
+    layer_norm_eps: float = 1e-5  # gpt_neox
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    partial_rotary_factor: float = 1.0  # GPT-NeoX `rotary_pct`
+    attention_bias: bool = False  # q/k/v (and o, except qwen2) biases
+    mlp_bias: bool = False
+    use_parallel_residual: bool = False  # gpt_neox
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict)  # HF fields we carry through unchanged (e.g. pad_token_id)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED}")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.hidden_act not in ACT:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {sorted(ACT)}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope type {rope_type!r} is not supported; expected default, linear or llama3")
+
+    # the family decides the layout; these keep the modules free of `if model_type == ...`
+    @property
+    def neox(self) -> bool:
+        return self.model_type == "gpt_neox"
+
+    @property
+    def o_bias(self) -> bool:  # Qwen2 has q/k/v biases but none on o_proj
+        return self.attention_bias and self.model_type != "qwen2"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Read a Hugging Face config.json dict: transformers 5.x (`rope_parameters`) or older files."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"model_type {mt!r} is not supported; expected one of {SUPPORTED}")
+        rope = dict(d.get("rope_parameters") or {})
+        legacy = d.get("rope_scaling") or {}  # old files: {"type"|"rope_type": ..., "factor": ...}
+        rope.update({k: v for k, v in legacy.items() if k not in rope})
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        theta = rope.pop("rope_theta", d.get("rope_theta", d.get("rotary_emb_base", 10000.0)))
+        prf = rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", d.get("rotary_pct", 1.0)))
+        if mt == "qwen2" and d.get("use_sliding_window"):
+            raise ValueError("Qwen2 sliding-window attention is not supported (use_sliding_window=true)")
+        neox = mt == "gpt_neox"
+        known = {f.name for f in fields(cls)} | {"rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base",
+                                                  "architectures", "transformers_version", "dtype", "torch_dtype"}
+        return cls(
+            model_type=mt,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=0 if neox else (d.get("num_key_value_heads") or 0),
+            head_dim=0 if neox else (d.get("head_dim") or 0),
+            hidden_act=d.get("hidden_act", "gelu" if neox else "silu"),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling={"rope_type": rope_type, **rope} if rope_type != "default" else None,
+            partial_rotary_factor=float(prf),
+            attention_bias={"qwen2": True, "gpt_neox": d.get("attention_bias", True)}.get(mt, d.get("attention_bias", False)),
+            mlp_bias=True if neox else d.get("mlp_bias", False),
+            use_parallel_residual=neox and d.get("use_parallel_residual", True),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            extra={k: v for k, v in d.items() if k not in known and k in ("pad_token_id",)},
+        )
+
+    def to_hf(self) -> dict:
+        """A config.json dict that transformers (5.x, and 4.x through the legacy keys) loads as this model."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        d = dict(
+            architectures=[ARCHITECTURES[self.model_type]], model_type=self.model_type, vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            hidden_act=self.hidden_act, max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, rope_theta=self.rope_theta, **self.extra,
+        )
+        if self.neox:
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
+            d.update(layer_norm_eps=self.layer_norm_eps, use_parallel_residual=self.use_parallel_residual,
+                     attention_bias=self.attention_bias, rotary_pct=self.partial_rotary_factor,
+                     rotary_emb_base=self.rope_theta)
+        else:
+            d.update(num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                     rms_norm_eps=self.rms_norm_eps)
+            if self.model_type == "llama":
+                d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+            if self.rope_scaling:
+                d["rope_scaling"] = dict(self.rope_scaling)
+        d["rope_parameters"] = rope
+        return d
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+ACT = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,), fp32, with the config's frequency scaling (as Hugging Face computes it)."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    if rs.get("rope_type") == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif rs.get("rope_type") == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_ctx = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated smoothly
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, T: int, device, dtype):
+    # recomputed per forward (T x rotary_dim/2 flops): no cached buffer to rebuild after meta-device init
+    inv_freq = rope_inv_freq(cfg).to(device)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on the first cos.shape[-1] dims of x (B, nh, T, hs); the rest passes through (partial rotary)."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    xr = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
+
+
+def apply_z(x, z):
+    return x if z is None else x * z.to(x.dtype)
+
+
+class Norm(nn.Module):
+    """RMSNorm (llama, qwen2) or LayerNorm with bias (gpt_neox). With `hidden_z`, the statistics are taken over the
+    kept dimensions only and the output is multiplied by the mask, so it equals the norm of the compacted model."""
+
+    def __init__(self, d: int, eps: float, bias: bool):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x, hidden_z=None):
+        dtype = x.dtype
+        x = x.float()  # statistics in fp32, as Hugging Face does
+        if hidden_z is None:
+            if self.bias is not None:
+                return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(dtype)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * x.to(dtype)
+        keep = (hidden_z != 0).float()  # (d,)
+        n = keep.sum()
+        if self.bias is not None:
+            x = (x - (x * keep).sum(-1, keepdim=True) / n) * keep
+            x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n + self.eps)
+            return apply_z(self.weight * x.to(dtype) + self.bias, hidden_z)
+        x = x * torch.rsqrt((x.pow(2) * keep).sum(-1, keepdim=True) / n + self.eps)
+        return apply_z(self.weight * x.to(dtype), hidden_z)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, nh, nkv, hs = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.hs = nh, nkv, hs
+        self.q_proj = nn.Linear(d, nh * hs, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, nkv * hs, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, nkv * hs, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hs, d, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, head_z=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hs)
+        if head_z is not None:
+            # one unit per key/value group: query head h belongs to group h // (nh // nkv), as in HF repeat_kv
+            y = apply_z(y, head_z.repeat_interleave(self.nh // self.nkv)[:, None, None])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+
+
+class MLP(nn.Module):
+    """SwiGLU (down(act(gate(x)) * up(x))) for llama/qwen2; up -> act -> down with biases for gpt_neox."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = None if cfg.neox else nn.Linear(d, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, d, bias=cfg.mlp_bias)
+        self.act = ACT[cfg.hidden_act]
+
+    def forward(self, x, intermediate_z=None):
+        h = self.act(self.up_proj(x)) if self.gate_proj is None else self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(apply_z(h, intermediate_z))  # (B, T, I) masked per channel
+
+
+class Block(nn.Module):
+    r"""
+    sequential:  x = x + z(attn(ln1(x)));  x = x + z(mlp(ln2(x)))
+    parallel:    x = x + z(attn(ln1(x))) + z(mlp(ln2(x)))          (GPT-NeoX use_parallel_residual)
+    where z(.) multiplies a sublayer's output by layer_z and hidden_z.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        eps = cfg.layer_norm_eps if cfg.neox else cfg.rms_norm_eps
+        self.input_layernorm = Norm(cfg.hidden_size, eps, bias=cfg.neox)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = Norm(cfg.hidden_size, eps, bias=cfg.neox)
+        self.mlp = MLP(cfg)
+        self.parallel = cfg.use_parallel_residual
+
+    def forward(self, x, cos, sin, layer_z=None, head_z=None, intermediate_z=None, hidden_z=None):
+        def out(t):
+            return apply_z(apply_z(t, layer_z), hidden_z)
+
+        a = out(self.self_attn(self.input_layernorm(x, hidden_z), cos, sin, head_z))
+        if self.parallel:
+            return x + a + out(self.mlp(self.post_attention_layernorm(x, hidden_z), intermediate_z))
+        x = x + a
+        return x + out(self.mlp(self.post_attention_layernorm(x, hidden_z), intermediate_z))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        eps = config.layer_norm_eps if config.neox else config.rms_norm_eps
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=Norm(config.hidden_size, eps, bias=config.neox),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32) -> "Transformer":
+        """A Hugging Face directory, hub id (cached) or .gguf file; see convert.load_hf."""
+        from convert import load_hf
+        config, sd = load_hf(path, dtype=dtype)
+        return cls.from_state_dict(config, sd)
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, sd: dict) -> "Transformer":
+        with torch.device("meta"):
+            model = cls(config)
+        if config.tie_word_embeddings:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+            model.load_state_dict({**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}, strict=True, assign=True)
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
+        else:
+            model.load_state_dict(sd, strict=True, assign=True)
+        return model
+
+    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean"):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
+        cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset."""
+        B, T = idx.shape
+        masks = masks or {}
+        hidden_z = masks.get("hidden_z")
+        x = apply_z(self.model.embed_tokens(idx), hidden_z)  # (B, T, d)
+        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            z = {k: masks[k][i] for k in ("layer_z", "head_z", "intermediate_z") if k in masks}
+            x = layer(x, cos, sin, hidden_z=hidden_z, **z)
+        logits = self.lm_head(self.model.norm(x, hidden_z))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        loss = loss.view(B, T)
+        if reduction == "none":
+            return loss
+        return loss.sum() / (targets != -100).sum().clamp(min=1)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    # -------------------------------------------------------------------------
+    # compaction
+
+    @torch.no_grad()
+    def prune(self, masks: dict) -> "Transformer":
+        """Fold the (deterministic) masks into the weights and drop every zeroed unit: returns a new, smaller dense
+        Transformer with a uniform shape (so a standard HF config describes it) that computes what the masked model
+        computes. Kept mask values need not be 1; they are folded into the weight that follows them."""
+        cfg = self.config
+        L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
+        p = self.lm_head.weight
+        ones = lambda *s: torch.ones(*s, device=p.device)
+        layer_z = masks.get("layer_z", ones(L)).float()
+        head_z = masks.get("head_z", ones(L, nkv)).float()
+        int_z = masks.get("intermediate_z", ones(L, I)).float()
+        hid_z = masks.get("hidden_z", ones(d)).float()
+        for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
+                               ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
+            if tuple(z.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(z.shape)}, expected {shape} for this model")
+        layers = layer_z.nonzero().flatten().tolist()
+        kh = hid_z.nonzero().flatten()  # kept hidden dims
+        if not layers or not len(kh):
+            raise ValueError("the masks drop every layer or every hidden dimension")
+        n_kv = {int((head_z[i] != 0).sum()) for i in layers}
+        n_int = {int((int_z[i] != 0).sum()) for i in layers}
+        if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
+            raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
+                             f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
+        if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
+            raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
+                             "absorb the mask twice)")
+        group = cfg.num_attention_heads // nkv
+        new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv.pop(),
+                          num_attention_heads=0, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
+        new_cfg.num_attention_heads = new_cfg.num_key_value_heads * group
+        if cfg.neox and new_cfg.num_attention_heads * cfg.head_dim != new_cfg.hidden_size:
+            raise ValueError(f"GPT-NeoX needs heads x head_dim = hidden_size after pruning, got "
+                             f"{new_cfg.num_attention_heads} x {cfg.head_dim} != {new_cfg.hidden_size}")
+
+        hs = cfg.head_dim
+        z_h = hid_z[kh]
+        sd = {"model.embed_tokens.weight": self.model.embed_tokens.weight[:, kh] * z_h}
+
+        def norm(prefix, mod):  # the masked norm multiplies its output by hidden_z: fold it into weight and bias
+            sd[prefix + ".weight"] = mod.weight[kh] * z_h
+            if mod.bias is not None:
+                sd[prefix + ".bias"] = mod.bias[kh] * z_h
+
+        def rows(w, idx):  # output units of a Linear weight (out, in) or a bias (out,)
+            return w.index_select(0, idx)
+
+        for j, i in enumerate(layers):
+            src, pre = self.model.layers[i], f"model.layers.{j}."
+            norm(pre + "input_layernorm", src.input_layernorm)
+            norm(pre + "post_attention_layernorm", src.post_attention_layernorm)
+            a, m = src.self_attn, src.mlp
+            kv = head_z[i].nonzero().flatten()  # kept key/value groups
+            kv_rows = (kv[:, None] * hs + torch.arange(hs, device=kv.device)).flatten()
+            q_heads = (kv[:, None] * group + torch.arange(group, device=kv.device)).flatten()
+            q_rows = (q_heads[:, None] * hs + torch.arange(hs, device=kv.device)).flatten()
+            for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                lin = getattr(a, name)
+                sd[pre + f"self_attn.{name}.weight"] = rows(lin.weight, r)[:, kh]
+                if lin.bias is not None:
+                    sd[pre + f"self_attn.{name}.bias"] = rows(lin.bias, r)
+            # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
+            out_scale = (layer_z[i] * z_h)[:, None]
+            col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
+            sd[pre + "self_attn.o_proj.weight"] = a.o_proj.weight[kh][:, q_rows] * col_scale * out_scale
+            if a.o_proj.bias is not None:
+                sd[pre + "self_attn.o_proj.bias"] = a.o_proj.bias[kh] * out_scale[:, 0]
+            ch = int_z[i].nonzero().flatten()  # kept MLP channels
+            for name in ("gate_proj", "up_proj"):
+                lin = getattr(m, name)
+                if lin is not None:
+                    sd[pre + f"mlp.{name}.weight"] = rows(lin.weight, ch)[:, kh]
+                    if lin.bias is not None:
+                        sd[pre + f"mlp.{name}.bias"] = rows(lin.bias, ch)
+            sd[pre + "mlp.down_proj.weight"] = m.down_proj.weight[kh][:, ch] * int_z[i][ch] * out_scale
+            if m.down_proj.bias is not None:
+                sd[pre + "mlp.down_proj.bias"] = m.down_proj.bias[kh] * out_scale[:, 0]
+        norm("model.norm", self.model.norm)
+        if not cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = self.lm_head.weight[:, kh]  # its input, the final norm, already carries hidden_z
+        dtype = self.lm_head.weight.dtype
+        return Transformer.from_state_dict(new_cfg, {k: v.to(dtype).contiguous() for k, v in sd.items()})

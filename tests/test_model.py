@@ -1,0 +1,164 @@
+"""Parity of model.py / convert.py with the Hugging Face reference implementations (fp32, CPU, offline).
+
+    pytest -q tests/test_model.py
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from conftest import make_hf
+
+import convert
+from model import ModelConfig, Transformer
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def tokens(vocab, B=2, T=17, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_and_loss_match_hf(family, tmp_path):
+    hf = make_hf(family, tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    idx = tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        out = hf(input_ids=idx, labels=idx)
+        torch.testing.assert_close(ours(idx), out.logits, atol=1e-5, rtol=1e-5)
+        # HF shifts labels internally; ours takes next-token targets
+        x, y = idx[:, :-1], idx[:, 1:]
+        torch.testing.assert_close(ours(x, y), out.loss, atol=1e-5, rtol=1e-5)
+        tok = ours(x, y, reduction="none")
+        assert tok.shape == y.shape
+        ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), y.flatten(), reduction="none")
+        torch.testing.assert_close(tok.flatten(), ref, atol=1e-5, rtol=1e-5)
+        y_ign = y.clone()
+        y_ign[0, :5] = -100
+        torch.testing.assert_close(ours(x, y_ign), tok.flatten()[y_ign.flatten() != -100].mean())
+
+
+def test_round_trip_to_hf(family, tmp_path):
+    hf = make_hf(family, tmp_path / "src")
+    subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", str(tmp_path / "src"), str(tmp_path / "out")],
+                   check=True, capture_output=True, cwd=ROOT)
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert type(back) is type(hf)
+    idx = tokens(hf.config.vocab_size, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(idx).logits, hf(idx).logits, atol=1e-5, rtol=1e-5)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == [type(hf).__name__] and cfg["model_type"] == hf.config.model_type
+    assert (tmp_path / "out" / "generation_config.json").exists()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unnamed_configs(seed, tmp_path):
+    """Random sizes, head_dim != hidden/heads, tied/untied, llama3 scaling: parity within 1e-4 on logits."""
+    g = torch.Generator().manual_seed(100 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    nkv = r(1, 3)
+    nh = nkv * r(1, 3)
+    kw = dict(vocab_size=r(100, 400), hidden_size=8 * r(3, 8), intermediate_size=r(20, 90),
+              num_hidden_layers=r(1, 3), num_attention_heads=nh, tie_word_embeddings=bool(r(0, 1)))
+    family = ["llama", "qwen2", "gpt_neox", "llama"][seed]
+    if family == "gpt_neox":
+        kw.update(hidden_size=nh * 8, rotary_pct=0.5, use_parallel_residual=bool(r(0, 1)))
+        cfg = transformers.GPTNeoXConfig(**kw)
+    else:
+        kw.update(num_key_value_heads=nkv, head_dim=2 * r(3, 10))
+        rope = dict(rope_type="default", rope_theta=float(r(1000, 100000)))
+        if seed == 3:
+            rope = dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=8)
+        cfg = (transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config)(
+            **kw, rope_parameters=rope)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens(cfg.vocab_size, T=40, seed=seed)
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
+
+
+def test_legacy_config_fields():
+    """Older config.json files: top-level rope_theta / rope_scaling, Pythia's rotary_pct and rotary_emb_base."""
+    neox = ModelConfig.from_hf(dict(model_type="gpt_neox", vocab_size=10, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2, rotary_pct=0.25,
+                                    rotary_emb_base=1234.0, use_parallel_residual=False))
+    assert (neox.partial_rotary_factor, neox.rope_theta, neox.use_parallel_residual) == (0.25, 1234.0, False)
+    assert neox.attention_bias and neox.mlp_bias and neox.rotary_dim == 2
+    llama = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                     rope_theta=5e5, rope_scaling=dict(rope_type="llama3", factor=8.0,
+                                                                       low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                       original_max_position_embeddings=8192)))
+    assert llama.rope_theta == 5e5 and llama.rope_scaling["rope_type"] == "llama3" and llama.head_dim == 8
+    # the dict we write reads back the same, in both styles
+    assert ModelConfig.from_hf(llama.to_hf()) == llama
+    assert ModelConfig.from_hf(neox.to_hf()) == neox
+    with pytest.raises(ValueError, match="not supported"):
+        ModelConfig.from_hf(dict(model_type="mistral"))
+    with pytest.raises(ValueError, match="rope type"):
+        ModelConfig(rope_scaling={"rope_type": "yarn"})
+
+
+def test_sharded_safetensors_and_bin(tmp_path):
+    hf = make_hf("llama", tmp_path / "src")
+    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    convert.export_hf(ours, str(tmp_path / "sharded"), tokenizer_src=str(tmp_path / "src"), max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
+    idx = tokens(256)
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_pretrained(str(tmp_path / "sharded"))(idx), hf(idx).logits)
+    # pytorch_model.bin checkpoints (older repos)
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_pretrained(str(tmp_path / "bin"))(idx), hf(idx).logits)
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    make_hf("qwen2", tmp_path / "src")
+    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    convert.export_hf(ours, str(tmp_path / "out"))
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    with pytest.raises(convert.ConvertError, match="--force"):
+        convert.export_hf(ours, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    convert.export_hf(ours, str(tmp_path / "out"), force=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "bad_weights", "not_a_dir"])
+def test_cli_errors(case, tmp_path):
+    src = tmp_path / "src"
+    if case != "missing":
+        make_hf("llama", src)
+    if case == "no_config":
+        (src / "config.json").unlink()
+    elif case == "bad_json":
+        (src / "config.json").write_text("{not json")
+    elif case == "bad_weights":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    elif case == "not_a_dir":
+        src = src / "config.json"
+    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", str(src), str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert.py: error:"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "to-hf" in r.stdout
