@@ -265,6 +265,7 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary model directory
     try:
         _save_weights(ours_to_hf(sd, cfg), tmp, _parse_size(max_shard_size))
         hf = cfg.to_hf()

@@ -1,0 +1,290 @@
+"""L0 masks, the Lagrangian, masked forward and exact compaction (model.prune) against Hugging Face.
+
+    pytest -q tests/test_l0.py
+"""
+
+import math
+
+import pytest
+import torch
+import transformers
+from conftest import make_hf
+
+import convert
+from l0 import HardConcrete, L0Module, TargetShape, prunable_params
+from model import ModelConfig, Transformer
+
+LLAMA2_7B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                        num_hidden_layers=32, num_attention_heads=32)
+LLAMA2_13B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                         num_hidden_layers=40, num_attention_heads=40)
+QWEN2_7B = ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, attention_bias=True)
+# Sheared-LLaMA targets (d, H, L, I), MHA
+TARGETS = {"1.3b": (2048, 16, 24, 5504), "2.7b": (2560, 20, 32, 6912), "370m": (1024, 8, 24, 2816)}
+
+
+def target(name):
+    d, h, L, i = TARGETS[name]
+    return TargetShape(hidden_size=d, num_hidden_layers=L, num_attention_heads=h, num_key_value_heads=h,
+                       intermediate_size=i)
+
+
+# -----------------------------------------------------------------------------
+# the numbers of the original implementation (hard-concrete constants, sizes, sparsities)
+
+@pytest.mark.parametrize("log_alpha,s", [(4.605170, 0.9979823), (0.0, 0.8318222), (-4.605170, 0.0471298),
+                                         (-1.598597, 0.5)])
+def test_prob_nonzero(log_alpha, s):
+    hc = HardConcrete((1,), init_log_alpha=log_alpha)
+    assert abs(float(hc.prob_nonzero().detach()) - s) < 1e-6
+
+
+def test_prunable_sizes_and_target_sparsity():
+    assert prunable_params(LLAMA2_7B) == 6_476_005_376
+    assert prunable_params(LLAMA2_13B) == 12_687_769_600
+    expected = {"1.3b": (1_214_251_008, 0.8125), "2.7b": (2_537_553_920, 0.6081606),
+                "370m": (308_281_344, 0.9523964)}
+    for name, (size, sparsity) in expected.items():
+        assert prunable_params(LLAMA2_7B, target(name)) == size
+        assert abs(L0Module(LLAMA2_7B, target(name)).target_sparsity_final - sparsity) < 1e-6
+    assert abs(L0Module(LLAMA2_13B, target("2.7b")).target_sparsity_final - 0.8) < 1e-12
+    # GQA: attention params counted from the real q/k/v/o shapes; one unit = one key/value group
+    assert prunable_params(QWEN2_7B) == 6_525_288_448
+
+
+@pytest.mark.parametrize("name,hidden,head,inter,layer", [("1.3b", 0.5, 0.5, 0.5, 0.25),
+                                                          ("2.7b", 0.375, 0.375, 0.3720930, 0.0),
+                                                          ("370m", 0.75, 0.75, 0.7441860, 0.25)])
+def test_per_mask_target_sparsity(name, hidden, head, inter, layer):
+    t = L0Module(LLAMA2_7B, target(name)).target_sparsity(10**9)
+    for m, v in (("hidden", hidden), ("head", head), ("intermediate", inter), ("layer", layer)):
+        assert abs(t[m] - v) < 1e-6
+
+
+def test_qwen2_targets():
+    t = TargetShape(hidden_size=1536, num_hidden_layers=28, num_attention_heads=14, num_key_value_heads=2,
+                    intermediate_size=8960)
+    l0 = L0Module(QWEN2_7B, t, masks=("head", "intermediate", "hidden", "layer"))
+    s = l0.target_sparsity(10**9)
+    assert abs(s["head"] - 0.5) < 1e-6 and abs(s["intermediate"] - 0.5270270) < 1e-6
+    assert abs(s["hidden"] - 0.5714286) < 1e-6 and s["layer"] == 0
+    # the original logs 0.7998453 here because it takes head_dim = 1536 // 14 = 109; the real head_dim is 128
+    assert abs(l0.target_sparsity_final - (1 - 1536 * 28 * (16 * 128 * 2 + 3 * 8960) / 6_525_288_448)) < 1e-12
+
+
+def test_expected_sparsity_at_init():
+    l0 = L0Module(LLAMA2_7B, target("2.7b"))
+    st = l0.stats(0)
+    assert abs(st["expected_sparsity"] - 0.0060410) < 1e-6
+    assert abs(st["expected_num_params"] / 6_436_884_109 - 1) < 1e-6  # float32 sums over 11008-wide rows
+    for m in ("layer", "head", "intermediate", "hidden"):
+        assert abs(st[f"expected_{m}_sparsity"] - 0.0020177) < 1e-6
+
+
+def test_schedule_warmup():
+    l0 = L0Module(LLAMA2_7B, target("1.3b"), warmup_steps=640)
+    assert l0.target_sparsity(0)["hidden"] == 0
+    assert abs(l0.target_sparsity(320)["hidden"] - 0.25) < 1e-12
+    assert l0.target_sparsity(640) == l0.target_sparsity(10_000)
+    assert abs(l0.stats(320)["target_sparsity"] - 0.8125 / 2) < 1e-9
+
+
+# -----------------------------------------------------------------------------
+# masks and the Lagrangian
+
+def test_deterministic_masks_exact_and_tie_break():
+    cfg = ModelConfig(vocab_size=10, hidden_size=32, intermediate_size=24, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4)
+    t = TargetShape(hidden_size=20, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=7)
+    l0 = L0Module(cfg, t)
+    masks = l0.deterministic_masks()  # all log_alpha equal: ties go to the lower index
+    assert masks["hidden_z"].tolist() == [1.0] * 20 + [0.0] * 12
+    assert masks["layer_z"].tolist() == [1, 1, 1, 0]
+    with torch.no_grad():
+        for z in l0.z.values():
+            z.log_alpha.normal_()
+    masks = l0.eval()()
+    assert set(torch.cat([m.flatten() for m in masks.values()]).tolist()) == {0.0, 1.0}
+    assert masks["layer_z"].sum() == 3 and masks["hidden_z"].sum() == 20
+    assert (masks["head_z"].sum(-1) == 2).all() and (masks["intermediate_z"].sum(-1) == 7).all()
+    # the kept units are the largest log_alpha
+    la = l0.z["intermediate"].log_alpha
+    for row in range(4):
+        kept, dropped = la[row][masks["intermediate_z"][row] == 1], la[row][masks["intermediate_z"][row] == 0]
+        assert kept.min() >= dropped.max()
+
+
+def test_samples_in_range_and_reproducible():
+    hc = HardConcrete((1000,), init_log_alpha=0.0)
+    a = hc.sample(torch.Generator().manual_seed(1))
+    b = hc.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.min() == 0 and a.max() == 1  # exact zeros and ones occur (the stretch)
+    assert abs(float((a > 0).float().mean()) - float(hc.prob_nonzero()[0])) < 0.05
+
+
+def test_gradients_reach_log_alpha(tmp_path):
+    make_hf("llama_gqa", tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path))
+    t = TargetShape(hidden_size=36, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                    intermediate_size=40)
+    l0 = L0Module(model.config, t)
+    with torch.no_grad():
+        for z in l0.z.values():
+            z.log_alpha.fill_(0.5)  # away from the saturated start, so most samples are fractional
+    idx = torch.randint(0, 256, (2, 9))
+    loss = model(idx[:, :-1], idx[:, 1:], masks=l0(torch.Generator().manual_seed(0))) + l0.lagrangian(5)
+    loss.backward()
+    for m, z in l0.z.items():
+        assert z.log_alpha.grad is not None and z.log_alpha.grad.abs().sum() > 0, m
+
+
+def test_lagrangian_drives_sparsity_to_target():
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4)
+    t = TargetShape(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48)
+    l0 = L0Module(cfg, t, warmup_steps=100)
+    opt = torch.optim.Adam([{"params": [z.log_alpha for z in l0.z.values()], "lr": 0.05},
+                            {"params": list(l0.lambdas.values()), "lr": 0.05}])
+    for step in range(600):
+        opt.zero_grad()
+        l0.lagrangian(step).backward()
+        opt.step()
+        l0.constrain_()
+    st = l0.stats(600)
+    for m in l0.names:
+        assert abs(st[f"expected_{m}_sparsity"] - st[f"target_{m}_sparsity"]) < 0.02, (m, st)
+    assert abs(st["expected_sparsity"] - st["target_sparsity"]) < 0.03
+    assert any(abs(v) > 0.01 for k, v in st.items() if k.startswith("lambda_"))  # the lambdas moved
+
+
+def test_lambda_gradient_is_reversed():
+    l0 = L0Module(LLAMA2_7B, target("1.3b"))
+    l0.lagrangian(10**6).backward()
+    # expected sparsity (~0) is below the target: the gap s - t < 0, so ascent on lambda_1 lowers it
+    assert l0.lambdas["lambda_1_hidden"].grad > 0  # the optimizer's descent step moves lambda_1 down
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(hidden_size=5000), "hidden_size=5000 must be"),
+    (dict(num_attention_heads=12, num_key_value_heads=5), "must be num_key_value_heads x 2"),
+    (dict(hidden_size=2001), "divisible by num_attention_heads"),
+    (dict(num_hidden_layers=0), "num_hidden_layers=0"),
+])
+def test_invalid_targets(kw, msg):
+    src = ModelConfig(vocab_size=10, hidden_size=4096, intermediate_size=100, num_hidden_layers=4,
+                      num_attention_heads=32, num_key_value_heads=16)
+    base = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
+                intermediate_size=50)
+    with pytest.raises(ValueError, match=msg):
+        L0Module(src, TargetShape(**{**base, **kw}))
+
+
+def test_invalid_target_neox_and_masks():
+    neox = ModelConfig(model_type="gpt_neox", vocab_size=10, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, attention_bias=True, mlp_bias=True)
+    with pytest.raises(ValueError, match="GPT-NeoX needs"):
+        TargetShape(hidden_size=40, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                    intermediate_size=64).validate(neox)
+    t = TargetShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                    intermediate_size=64)
+    with pytest.raises(ValueError, match="'hidden' is not among"):
+        L0Module(neox, t, masks=("head", "intermediate"))
+    with pytest.raises(ValueError, match="unknown pruning masks"):
+        L0Module(neox, t, masks=("heads",))
+
+
+# -----------------------------------------------------------------------------
+# masked forward == compacted model == exported Hugging Face model
+
+def random_target(cfg: ModelConfig, g: torch.Generator) -> TargetShape:
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    nkv = r(1, cfg.num_key_value_heads)
+    nh = nkv * group
+    if cfg.neox:
+        d = nh * cfg.head_dim
+    elif cfg.model_type == "llama":  # transformers' LlamaConfig wants hidden_size % heads == 0
+        d = nh * r(max(1, cfg.hidden_size // (2 * nh)), cfg.hidden_size // nh)
+    else:
+        d = r(cfg.hidden_size // 2, cfg.hidden_size)
+    return TargetShape(hidden_size=d, num_hidden_layers=r(1, cfg.num_hidden_layers), num_attention_heads=nkv * group,
+                       num_key_value_heads=nkv, intermediate_size=r(1, cfg.intermediate_size))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_gqa", "qwen2", "qwen2_untied", "neox_parallel",
+                                    "neox_sequential"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masked_equals_pruned_equals_hf(family, seed, tmp_path):
+    make_hf(family, tmp_path / "src", seed=seed)
+    model = Transformer.from_pretrained(str(tmp_path / "src")).eval()
+    g = torch.Generator().manual_seed(seed)
+    t = random_target(model.config, g)
+    l0 = L0Module(model.config, t).eval()
+    with torch.no_grad():
+        for z in l0.z.values():
+            z.log_alpha.copy_(torch.randn(z.log_alpha.shape, generator=g))
+    masks = l0()
+    idx = torch.randint(0, model.config.vocab_size, (2, 13), generator=g)
+    small = model.prune(masks)
+    assert [getattr(small.config, k) for k in t.__dataclass_fields__] == list(vars(t).values())
+    convert.export_hf(small, str(tmp_path / "out"), tokenizer_src=str(tmp_path / "src"))
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        masked = model(idx, masks=masks)
+        torch.testing.assert_close(small(idx), masked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf.eval()(idx).logits, masked, atol=1e-5, rtol=1e-5)
+    assert small.num_params() < model.num_params()
+    assert small.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama_bias", "qwen2_untied", "neox_sequential"])
+def test_prune_folds_fractional_kept_values(family, tmp_path):
+    """Kept mask values need not be 1: layer/head/channel/hidden scales are folded exactly (biases included)."""
+    make_hf(family, tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path)).eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    u = lambda *s: 0.5 + torch.rand(*s, generator=g)
+    masks = {"layer_z": u(cfg.num_hidden_layers), "head_z": u(cfg.num_hidden_layers, cfg.num_key_value_heads),
+             "intermediate_z": u(cfg.num_hidden_layers, cfg.intermediate_size), "hidden_z": u(cfg.hidden_size)}
+    masks["layer_z"][0] = 0
+    masks["intermediate_z"][:, :3] = 0
+    if cfg.num_key_value_heads > 1:
+        masks["head_z"][:, 0] = 0
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    masks["hidden_z"][:group * cfg.head_dim if cfg.neox else 4] = 0  # GPT-NeoX: hidden = heads x head_dim
+    idx = torch.randint(0, cfg.vocab_size, (2, 11), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model.prune(masks)(idx), model(idx, masks=masks), atol=1e-5, rtol=1e-5)
+
+
+def test_all_ones_masks_equal_no_masks(tmp_path):
+    for family in ("llama_gqa", "neox_parallel"):
+        make_hf(family, tmp_path / family)
+        model = Transformer.from_pretrained(str(tmp_path / family)).eval()
+        cfg = model.config
+        ones = {"layer_z": torch.ones(cfg.num_hidden_layers), "hidden_z": torch.ones(cfg.hidden_size),
+                "head_z": torch.ones(cfg.num_hidden_layers, cfg.num_key_value_heads),
+                "intermediate_z": torch.ones(cfg.num_hidden_layers, cfg.intermediate_size)}
+        idx = torch.randint(0, cfg.vocab_size, (2, 7))
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, masks=ones), model(idx))
+
+
+def test_prune_rejects_non_uniform_masks(tmp_path):
+    make_hf("llama", tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path))
+    head_z = torch.ones(2, 4)
+    head_z[0, 0] = 0
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        model.prune({"head_z": head_z})
+    with pytest.raises(ValueError, match="expected"):
+        model.prune({"hidden_z": torch.ones(3)})
+    make_hf("qwen2", tmp_path / "q")
+    tied = Transformer.from_pretrained(str(tmp_path / "q"))
+    with pytest.raises(ValueError, match="tied embeddings"):
+        tied.prune({"hidden_z": torch.full((64,), 0.5)})
