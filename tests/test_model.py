@@ -162,3 +162,10 @@ def test_cli_errors(case, tmp_path):
 def test_cli_help():
     r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "to-hf" in r.stdout
+
+
+def test_cli_verify(tmp_path):
+    make_hf("neox_parallel", tmp_path / "src")
+    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "verify", str(tmp_path / "src")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
