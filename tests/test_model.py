@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -169,3 +170,20 @@ def test_cli_verify(tmp_path):
     r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "verify", str(tmp_path / "src")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_hub_id_from_local_cache(tmp_path):
+    """A hub id resolves offline from the hub cache layout (models--owner--name/snapshots/<rev>)."""
+    snap = tmp_path / "hub" / "models--tiny--llama" / "snapshots" / ("a" * 40)
+    hf = make_hf("llama_gqa", snap)
+    (tmp_path / "hub" / "models--tiny--llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny--llama" / "refs" / "main").write_text("a" * 40)
+    code = ("import sys, torch; from model import Transformer; m = Transformer.from_pretrained('tiny/llama'); "
+            "torch.save(m(torch.arange(10)[None]), sys.argv[1])")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "y.pt")], check=True, cwd=ROOT, env=env)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), hf(torch.arange(10)[None]).logits)
+    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", "tiny/absent", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 1 and "could not get tiny/absent" in r.stderr
