@@ -19,7 +19,7 @@ One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families
 """
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -96,8 +96,6 @@ class ModelConfig:
         if mt == "qwen2" and d.get("use_sliding_window"):
             raise ValueError("Qwen2 sliding-window attention is not supported (use_sliding_window=true)")
         neox = mt == "gpt_neox"
-        known = {f.name for f in fields(cls)} | {"rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base",
-                                                  "architectures", "transformers_version", "dtype", "torch_dtype"}
         return cls(
             model_type=mt,
             vocab_size=d["vocab_size"],
@@ -114,13 +112,13 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling={"rope_type": rope_type, **rope} if rope_type != "default" else None,
             partial_rotary_factor=float(prf),
-            attention_bias={"qwen2": True, "gpt_neox": d.get("attention_bias", True)}.get(mt, d.get("attention_bias", False)),
+            attention_bias=mt == "qwen2" or d.get("attention_bias", neox),  # Qwen2 always has q/k/v biases
             mlp_bias=True if neox else d.get("mlp_bias", False),
             use_parallel_residual=neox and d.get("use_parallel_residual", True),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
-            extra={k: v for k, v in d.items() if k not in known and k in ("pad_token_id",)},
+            extra={"pad_token_id": d["pad_token_id"]} if d.get("pad_token_id") is not None else {},
         )
 
     def to_hf(self) -> dict:
