@@ -26,8 +26,13 @@ $(DEFAULT_MODEL)/config.json: $(GGUF)
 
 model: $(DEFAULT_MODEL)/config.json
 
-demo: model
+data/demo/meta.json: $(DEFAULT_MODEL)/config.json prepare.py
+	HF_HUB_OFFLINE=1 $(BIN)/python prepare.py --tokenizer $(DEFAULT_MODEL) --out data/demo
+
+demo: model data/demo/meta.json
 	HF_HUB_OFFLINE=1 $(BIN)/python convert.py verify $(DEFAULT_MODEL)
+	$(BIN)/python -c "from data import DomainBins; b = DomainBins('data/demo'); \
+	print('data/demo domains:', ', '.join(f'{d} {len(t):,} tokens' for d, t in zip(b.domains, b.train)))"
 
 test: install
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

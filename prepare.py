@@ -82,11 +82,14 @@ def read_json(path: Path) -> dict:
         raise PrepareError(f"cannot read {path}: {e}") from None
 
 
+DOC_END = ("<|endoftext|>", "<|end_of_text|>")  # GPT-2/NeoX/Qwen/SmolLM and Llama-3 document ends
+
+
 class Tokenizer:
     """A model dir's tokenizer (tokenizer.json, or tokenizer.model as sentencepiece or tiktoken) and its
     BOS/EOS convention, from tokenizer_config.json, then config.json, then generation_config.json."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, eos_token: str | None = None):
         d = Path(model_dir)
         tc = read_json(d / "tokenizer_config.json")
         self._hf = self._sp = self._tt = None
@@ -135,6 +138,15 @@ class Tokenizer:
             return None
 
         self.bos_id, self.eos_id = special("bos"), special("eos")
+        # Documents end with the document-end token of pretraining. Chat models configure a turn end as EOS
+        # (<|im_end|>, <|eot_id|>), which would teach "end of turn" at every document boundary.
+        for name in ((eos_token,) if eos_token else DOC_END):
+            if self.token_id(name) is not None:
+                self.eos_id = self.token_id(name)
+                break
+        else:
+            if eos_token:
+                raise PrepareError(f"--eos-token {eos_token!r} is not a token of the tokenizer in {d}")
         if self.eos_id is None:
             raise PrepareError(f"{d}: cannot tell the end-of-document token; set eos_token in tokenizer_config.json")
         if isinstance(tc.get("add_bos_token"), bool):
@@ -172,11 +184,11 @@ class Tokenizer:
 _WORKER = None  # (Tokenizer, dtype) of this process, for _encode_task
 
 
-def _init_worker(model_dir, dtype):
+def _init_worker(model_dir, eos_token, dtype):
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER = (Tokenizer(model_dir), np.dtype(dtype))
+    _WORKER = (Tokenizer(model_dir, eos_token), np.dtype(dtype))
 
 
 def _encode_task(task):
@@ -376,7 +388,7 @@ def tokenize(docs, domains: dict, tok: Tokenizer, dtype, args, tmp: Path):
     ex = None
     if args.workers > 1:  # spawn, not fork: this process runs threads (man rendering, the tokenizer's own)
         ex = cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                    initargs=(args.tokenizer, dtype.str))
+                                    initargs=(args.tokenizer, args.eos_token, dtype.str))
     else:
         _WORKER = (tok, dtype)
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, file=sys.stderr, disable=args.quiet)
@@ -462,6 +474,8 @@ def parse_args(argv):
     add("--max-mb-per-domain", metavar="MB", type=float,
         help="stop reading a domain after this much text (default 4 for the demo, no cap otherwise)")
     add("--max-tokens-per-domain", metavar="N", type=int, help="training tokens per domain (default: no cap)")
+    add("--eos-token", metavar="TOKEN", help="token that ends every document (default: the tokenizer's "
+        "<|endoftext|> or <|end_of_text|> if it has one, else its configured EOS)")
     add("--val-tokens", metavar="N", type=int, default=32768, help="validation tokens per domain (default %(default)s)")
     add("--workers", metavar="N", type=int, default=os.cpu_count(),
         help="tokenizer processes (default: all cores); 1 = in this process, where a tokenizer may still use threads")
@@ -508,7 +522,8 @@ def run(args) -> int:
               {"hf": [args.hf_dataset, args.hf_config, args.hf_split, args.domain_field, args.domains]})
     settings = dict(format=FORMAT, source=source, text_field=args.text_field, seed=args.seed,
                     max_mb_per_domain=args.max_mb_per_domain, max_tokens_per_domain=args.max_tokens_per_domain,
-                    val_tokens=args.val_tokens, tokenizer_fingerprint=tokenizer_fingerprint(args.tokenizer))
+                    val_tokens=args.val_tokens, eos_token=args.eos_token,
+                    tokenizer_fingerprint=tokenizer_fingerprint(args.tokenizer))
     settings = json.loads(json.dumps(settings))  # compared in JSON types
     if (out / "meta.json").exists() and not args.force:
         try:
@@ -524,7 +539,7 @@ def run(args) -> int:
     if out.exists() and not (out / "meta.json").exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrepareError(f"{out} exists and is not a prepared dataset (no meta.json); refusing to replace it")
 
-    tok = Tokenizer(args.tokenizer)
+    tok = Tokenizer(args.tokenizer, args.eos_token)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
     if args.hf_dataset:
         domains, docs = {}, lambda stop: hf_docs(args, stop)

@@ -448,3 +448,15 @@ def test_val_batches(tmp_path):
         assert torch.equal(torch.cat([ranks[r][b][0] for r in range(4)]), full[b][0])
     with pytest.raises(ValueError, match="fewer than one batch"):
         bins.val_batches("d0", 200, 8)
+
+
+def test_document_end_token(tmp_path):
+    """A chat model's configured EOS (a turn end) is not used between documents when the tokenizer has a
+    document-end token; --eos-token overrides; an unknown --eos-token is a clear error."""
+    d = make_tokenizer(tmp_path / "tok")
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s>", "add_bos_token": False}))
+    tok = prepare.Tokenizer(d)
+    assert tok.eos_id == tok.token_id("<|endoftext|>") != tok.token_id("<s>")
+    assert prepare.Tokenizer(d, eos_token="<s>").eos_id == tok.token_id("<s>")
+    with pytest.raises(prepare.PrepareError, match="not a token"):
+        prepare.Tokenizer(d, eos_token="<nope>")
