@@ -26,7 +26,7 @@ $(DEFAULT_MODEL)/config.json: $(GGUF)
 
 model: $(DEFAULT_MODEL)/config.json
 
-data/demo/meta.json: $(DEFAULT_MODEL)/config.json prepare.py
+data/demo/meta.json: $(DEFAULT_MODEL)/config.json
 	HF_HUB_OFFLINE=1 $(BIN)/python prepare.py --tokenizer $(DEFAULT_MODEL) --out data/demo
 
 demo: model data/demo/meta.json
