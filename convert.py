@@ -118,9 +118,12 @@ def _resolve(src: str) -> str:
     if src.startswith((".", "/")) or src.count("/") != 1:
         raise ConvertError(f"no such model directory: {src} (and it is not a hub id of the form owner/name)")
     from huggingface_hub import snapshot_download
+    files = ["*.json", "*.model", "*.txt", "*.jinja"]
     try:
-        return snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt",
-                                                      "*.jinja"])
+        path = snapshot_download(src, allow_patterns=files + ["*.safetensors"])
+        if not glob.glob(os.path.join(path, "*.safetensors")):  # only then the (often duplicate) .bin weights
+            path = snapshot_download(src, allow_patterns=files + ["pytorch_model*.bin"])
+        return path
     except Exception as e:
         raise ConvertError(f"could not get {src} from the Hugging Face hub or its local cache "
                            f"({type(e).__name__}); download it first or pass a local directory") from None
@@ -161,15 +164,24 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
     if arch != "llama":
         raise ConvertError(f"{path}: GGUF architecture {arch!r} is not supported (only llama)")
     g = lambda k, default=None: meta.get(f"llama.{k}", default)
-    nh, nkv, d = g("attention.head_count"), g("attention.head_count_kv", g("attention.head_count")), g("embedding_length")
+    nh, d = g("attention.head_count"), g("embedding_length")
+    nkv = g("attention.head_count_kv", nh)
     vocab = g("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
     tensors = {t.name: t for t in r.tensors}
+    if "rope_freqs.weight" in tensors:  # Llama-3.1-style frequency factors, stored as a tensor
+        raise ConvertError(f"{path}: GGUF RoPE frequency factors (rope_freqs) are not supported; convert the "
+                           "Hugging Face checkpoint instead")
+    scaling = {"none": None, None: None, "linear": {"rope_type": "linear", "factor": g("rope.scaling.factor")}}
+    if g("rope.scaling.type") not in scaling:
+        raise ConvertError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} is not supported (only linear)")
     tok = lambda k: int(r.fields[k].contents()) if k in r.fields else None
     cfg = ModelConfig(
         model_type="llama", vocab_size=vocab, hidden_size=d, intermediate_size=g("feed_forward_length"),
         num_hidden_layers=g("block_count"), num_attention_heads=nh, num_key_value_heads=nkv,
         head_dim=g("attention.key_length", d // nh), max_position_embeddings=g("context_length", 2048),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=float(g("rope.freq_base", 1e4)),
+        # GGUF stores these as float32: round back to the decimal they came from (1e-05, not 9.9999997e-06)
+        rms_norm_eps=float(f'{g("attention.layer_norm_rms_epsilon", 1e-5):.6g}'),
+        rope_theta=float(f'{g("rope.freq_base", 1e4):.7g}'), rope_scaling=scaling[g("rope.scaling.type")],
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=tok("tokenizer.ggml.bos_token_id"), eos_token_id=tok("tokenizer.ggml.eos_token_id"),
     )
@@ -185,7 +197,7 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
     for name, t in tensors.items():
         m = re.match(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$", name)
         if not m or m.group(2) not in names:
-            continue
+            raise ConvertError(f"{path}: unexpected GGUF tensor {name!r}")
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if m.group(2) == "attn_q":
             w = unpermute(w, nh)
@@ -211,14 +223,17 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
             raise ConvertError(f"{path}/config.json is not a usable model config: {e}") from None
         sd = hf_to_ours(_read_weights(path), cfg)
     with torch.device("meta"):
-        expected = set(Transformer(cfg).state_dict())
+        expected = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        expected.pop("lm_head.weight")
         sd.pop("lm_head.weight", None)
-    missing, unexpected = expected - set(sd), set(sd) - expected
+    missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
     if missing or unexpected:
-        raise ConvertError(f"{src}: weights do not match config.json: {len(missing)} missing "
+        raise ConvertError(f"{src}: weights do not match the config: {len(missing)} missing "
                            f"{sorted(missing)[:3]}, {len(unexpected)} unexpected {sorted(unexpected)[:3]}")
+    if wrong := [k for k in sorted(sd) if sd[k].shape != expected[k]]:
+        raise ConvertError(f"{src}: weights do not match the config: {wrong[0]} has shape "
+                           f"{tuple(sd[wrong[0]].shape)}, expected {tuple(expected[wrong[0]])} ({len(wrong)} such)")
     return cfg, {k: v.to(dtype) for k, v in sd.items()}
 
 
@@ -229,8 +244,9 @@ def _parse_size(s: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", s.upper())
     if not m:
         raise ConvertError(f"bad size {s!r}; use e.g. 500MB or 5GB")
-    return int(float(m.group(1)) * {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20,
-                                    "G": 2**30, "GB": 2**30}[m.group(2)])
+    # decimal units, as transformers' save_pretrained counts them
+    return int(float(m.group(1)) * {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9,
+                                    "GB": 1e9}[m.group(2)])
 
 
 def _save_weights(sd: dict, out: str, max_shard_bytes: int):
@@ -258,6 +274,8 @@ def _save_weights(sd: dict, out: str, max_shard_bytes: int):
 def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dtype=None,
               max_shard_size: str = "5GB", force: bool = False):
     """Write `model` as a Hugging Face directory at `out` (atomically: temp dir, then rename)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConvertError(f"{out} exists and is not a directory")
     if os.path.exists(out) and os.listdir(out) and not force:
         raise ConvertError(f"{out} exists and is not empty; pass --force to replace it")
     cfg = model.config
@@ -269,7 +287,7 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
     try:
         _save_weights(ours_to_hf(sd, cfg), tmp, _parse_size(max_shard_size))
         hf = cfg.to_hf()
-        hf["dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+        hf["dtype"] = hf["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")  # 5.x, 4.x
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
@@ -346,15 +364,15 @@ def main(argv=None):
             raise ConvertError("SRC and OUT are the same directory")
         _parse_size(args.max_shard_size)
         path = _resolve(args.src)
-        model = Transformer.from_state_dict(*load_hf(path))
-        export_hf(model, args.out, tokenizer_src=path, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                  max_shard_size=args.max_shard_size, force=args.force)
-    except ConvertError as e:
+        model = Transformer.from_state_dict(*load_hf(path, dtype=getattr(torch, args.dtype or "float32")))
+        export_hf(model, args.out, tokenizer_src=path, max_shard_size=args.max_shard_size, force=args.force)
+    except (ConvertError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     cfg = model.config
     print(f"wrote {args.out}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, {model.num_params() / 1e6:.1f}M non-embedding params")
+          f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, "
+          f"{model.num_params() / 1e6:.1f}M non-embedding params")
 
 
 if __name__ == "__main__":

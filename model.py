@@ -64,6 +64,13 @@ class ModelConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.hidden_act not in ACT:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {sorted(ACT)}")
+        if self.neox and self.num_attention_heads * self.head_dim != self.hidden_size:
+            raise ValueError(f"GPT-NeoX needs num_attention_heads x head_dim = hidden_size, got "
+                             f"{self.num_attention_heads} x {self.head_dim} != {self.hidden_size}")
+        if self.model_type == "llama" and self.hidden_size % self.num_attention_heads:
+            # transformers' LlamaConfig refuses such a config even with an explicit head_dim
+            raise ValueError(f"a LLaMA config needs hidden_size divisible by num_attention_heads to load in "
+                             f"transformers: {self.hidden_size} % {self.num_attention_heads} != 0")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope type {rope_type!r} is not supported; expected default, linear or llama3")
@@ -190,7 +197,8 @@ def rope_cos_sin(cfg: ModelConfig, T: int, device, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on the first cos.shape[-1] dims of x (B, nh, T, hs); the rest passes through (partial rotary)."""
+    """Rotate-half RoPE on the first cos.shape[-1] dims of x (B, nh, T, hs); the rest passes through (partial
+    rotary)."""
     rd = cos.shape[-1]
     xr, xp = x[..., :rd], x[..., rd:]
     x1, x2 = xr.chunk(2, dim=-1)
@@ -199,7 +207,7 @@ def apply_rope(x, cos, sin):
 
 
 def apply_z(x, z):
-    return x if z is None else x * z.to(x.dtype)
+    return x if z is None else x * z.to(x.device, x.dtype)
 
 
 class Norm(nn.Module):
@@ -220,8 +228,8 @@ class Norm(nn.Module):
                 return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(dtype)
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
             return self.weight * x.to(dtype)
-        keep = (hidden_z != 0).float()  # (d,)
-        n = keep.sum()
+        keep = (hidden_z != 0).to(x.device, torch.float32)  # (d,)
+        n = keep.sum().clamp(min=1)  # a sample may close every gate: zeros, not NaN
         if self.bias is not None:
             x = (x - (x * keep).sum(-1, keepdim=True) / n) * keep
             x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n + self.eps)
@@ -350,6 +358,8 @@ class Transformer(nn.Module):
         loss = loss.view(B, T)
         if reduction == "none":
             return loss
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return loss.sum() / (targets != -100).sum().clamp(min=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -370,12 +380,12 @@ class Transformer(nn.Module):
         computes. Kept mask values need not be 1; they are folded into the weight that follows them."""
         cfg = self.config
         L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
-        p = self.lm_head.weight
-        ones = lambda *s: torch.ones(*s, device=p.device)
-        layer_z = masks.get("layer_z", ones(L)).float()
-        head_z = masks.get("head_z", ones(L, nkv)).float()
-        int_z = masks.get("intermediate_z", ones(L, I)).float()
-        hid_z = masks.get("hidden_z", ones(d)).float()
+        if unknown := set(masks) - {"layer_z", "head_z", "intermediate_z", "hidden_z"}:
+            raise ValueError(f"unknown masks {sorted(unknown)}; expected layer_z, head_z, intermediate_z, hidden_z")
+        dev = self.lm_head.weight.device
+        get = lambda k, *shape: masks[k].to(dev, torch.float32) if k in masks else torch.ones(*shape, device=dev)
+        layer_z, head_z = get("layer_z", L), get("head_z", L, nkv)
+        int_z, hid_z = get("intermediate_z", L, I), get("hidden_z", d)
         for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
                                ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
             if tuple(z.shape) != shape:
@@ -393,12 +403,10 @@ class Transformer(nn.Module):
             raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
                              "absorb the mask twice)")
         group = cfg.num_attention_heads // nkv
-        new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv.pop(),
-                          num_attention_heads=0, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
-        new_cfg.num_attention_heads = new_cfg.num_key_value_heads * group
-        if cfg.neox and new_cfg.num_attention_heads * cfg.head_dim != new_cfg.hidden_size:
-            raise ValueError(f"GPT-NeoX needs heads x head_dim = hidden_size after pruning, got "
-                             f"{new_cfg.num_attention_heads} x {cfg.head_dim} != {new_cfg.hidden_size}")
+        n_kv = n_kv.pop()
+        # __post_init__ checks what a Hugging Face config of this family can express
+        new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv,
+                          num_attention_heads=n_kv * group, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
 
         hs = cfg.head_dim
         z_h = hid_z[kh]

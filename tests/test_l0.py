@@ -288,3 +288,18 @@ def test_prune_rejects_non_uniform_masks(tmp_path):
     tied = Transformer.from_pretrained(str(tmp_path / "q"))
     with pytest.raises(ValueError, match="tied embeddings"):
         tied.prune({"hidden_z": torch.full((64,), 0.5)})
+
+
+def test_prune_and_masks_edge_cases(tmp_path):
+    make_hf("llama_gqa", tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path))
+    cfg = model.config
+    with pytest.raises(ValueError, match="unknown masks"):
+        model.prune({"heads_z": torch.ones(3, 2)})
+    hidden_z = torch.ones(cfg.hidden_size)
+    hidden_z[:4] = 0  # 44 kept dims over 6 heads: transformers' LlamaConfig would refuse the export
+    with pytest.raises(ValueError, match="divisible by num_attention_heads"):
+        model.prune({"hidden_z": hidden_z})
+    # a training sample may close every hidden gate: the masked norms give zeros, not NaN
+    idx = torch.randint(0, cfg.vocab_size, (1, 5))
+    assert torch.isfinite(model(idx[:, :-1], idx[:, 1:], masks={"hidden_z": torch.zeros(cfg.hidden_size)}))

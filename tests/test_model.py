@@ -138,7 +138,8 @@ def test_export_refuses_to_overwrite(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "bad_weights", "not_a_dir"])
+@pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "bad_weights", "bad_shape", "not_a_dir",
+                                  "out_is_file"])
 def test_cli_errors(case, tmp_path):
     src = tmp_path / "src"
     if case != "missing":
@@ -150,14 +151,20 @@ def test_cli_errors(case, tmp_path):
     elif case == "bad_weights":
         cfg = json.loads((src / "config.json").read_text())
         (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5}))
+    elif case == "bad_shape":
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 100}))
     elif case == "not_a_dir":
         src = src / "config.json"
-    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", str(src), str(tmp_path / "out")],
+    out = tmp_path / "out"
+    if case == "out_is_file":
+        out.write_text("precious")
+    r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", str(src), str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert.py: error:"), r.stderr
-    assert not (tmp_path / "out").exists()
+    assert out.read_text() == "precious" if case == "out_is_file" else not out.exists()
 
 
 def test_cli_help():
@@ -187,3 +194,74 @@ def test_hub_id_from_local_cache(tmp_path):
     r = subprocess.run([sys.executable, f"{ROOT}/convert.py", "to-hf", "tiny/absent", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 1 and "could not get tiny/absent" in r.stderr
+
+
+def write_gguf(hf, path, extra_tensors=(), scaling=None):
+    """Write a tiny HF Llama as llama.cpp does: GGUF names, q/k rows permuted for its interleaved RoPE."""
+    import gguf
+    import numpy as np
+    c = hf.config
+    nh, nkv = c.num_attention_heads, c.num_key_value_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    if c.head_dim != c.hidden_size // nh:  # as llama.cpp's converter does for an explicit head_dim
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if scaling:
+        w.add_rope_scaling_type(scaling[0])
+        w.add_rope_scaling_factor(scaling[1])
+    w.add_token_list([f"t{i}".encode() for i in range(c.vocab_size)])
+
+    def permute(x, n):
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    names = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for k, v in hf.state_dict().items():
+        if k == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        x = v.numpy().astype(np.float32)
+        layer, _, rest = k.removeprefix("model.layers.").partition(".")
+        if k.startswith("model.layers."):
+            mod = rest.rsplit(".", 1)[0]
+            x = permute(x, nh) if mod == "self_attn.q_proj" else permute(x, nkv) if mod == "self_attn.k_proj" else x
+            w.add_tensor(f"blk.{layer}.{names[mod]}.weight", x)
+        else:
+            w.add_tensor(f"{names[k.rsplit('.', 1)[0]]}.weight", x)
+    for name, x in extra_tensors:
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_gqa"])
+def test_gguf(family, tmp_path):
+    """A GGUF file (llama.cpp layout) loads to the same logits, tied or untied, MHA or GQA."""
+    import numpy as np
+    hf = make_hf(family, tmp_path / "src")
+    write_gguf(hf, tmp_path / "m.gguf")
+    ours = Transformer.from_pretrained(str(tmp_path / "m.gguf"))
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    idx = tokens(hf.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+    cfg, _ = convert.load_hf(str(tmp_path / "m.gguf"))
+    assert cfg.rms_norm_eps == hf.config.rms_norm_eps  # not the float32 round-off GGUF stores
+    import gguf
+    write_gguf(hf, tmp_path / "lin.gguf", scaling=(gguf.RopeScalingType.LINEAR, 4.0))
+    assert convert.load_hf(str(tmp_path / "lin.gguf"))[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    hd = hf.config.head_dim
+    write_gguf(hf, tmp_path / "l31.gguf", extra_tensors=[("rope_freqs.weight", np.ones(hd // 2, np.float32))])
+    with pytest.raises(convert.ConvertError, match="rope_freqs"):
+        convert.load_hf(str(tmp_path / "l31.gguf"))
