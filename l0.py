@@ -155,8 +155,9 @@ class L0Module(nn.Module):
         self.target_sparsity_final = 1 - prunable_params(cfg, target) / self.prunable
 
     def forward(self, generator=None) -> dict:
-        """Masks for the model: sampled in training (one draw per call; pass a generator seeded the same on every
-        rank, e.g. from (seed, step), so all ranks and micro-batches of a step share them), deterministic in eval."""
+        """Masks for the model: sampled in training (one draw per call; pass a CPU torch.Generator seeded the same
+        on every rank, e.g. from (seed, step), so all ranks and micro-batches of a step share them; the noise is
+        drawn on the CPU so it is the same whatever the device), deterministic in eval."""
         if not self.training:
             return self.deterministic_masks()
         return {f"{m}_z": self.z[m].sample(generator) for m in self.names}
