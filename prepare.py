@@ -91,6 +91,9 @@ class Tokenizer:
 
     def __init__(self, model_dir, eos_token: str | None = None):
         d = Path(model_dir)
+        # in-process encoding uses every core: HF tokenizers through its own thread pool, sentencepiece and
+        # tiktoken through their batch threads (worker processes set this to 1)
+        self.threads = os.cpu_count() or 1
         tc = read_json(d / "tokenizer_config.json")
         self._hf = self._sp = self._tt = None
         defaults = {}
@@ -171,8 +174,8 @@ class Tokenizer:
             encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)  # _fast skips offsets
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         if self._sp is not None:
-            return self._sp.encode(texts, num_threads=1)
-        return self._tt.encode_ordinary_batch(texts, num_threads=1)
+            return self._sp.encode(texts, num_threads=self.threads)
+        return self._tt.encode_ordinary_batch(texts, num_threads=self.threads)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -188,7 +191,9 @@ def _init_worker(model_dir, eos_token, dtype):
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER = (Tokenizer(model_dir, eos_token), np.dtype(dtype))
+    tok = Tokenizer(model_dir, eos_token)
+    tok.threads = 1
+    _WORKER = (tok, np.dtype(dtype))
 
 
 def _encode_task(task):
@@ -477,8 +482,9 @@ def parse_args(argv):
     add("--eos-token", metavar="TOKEN", help="token that ends every document (default: the tokenizer's "
         "<|endoftext|> or <|end_of_text|> if it has one, else its configured EOS)")
     add("--val-tokens", metavar="N", type=int, default=32768, help="validation tokens per domain (default %(default)s)")
-    add("--workers", metavar="N", type=int, default=os.cpu_count(),
-        help="tokenizer processes (default: all cores); 1 = in this process, where a tokenizer may still use threads")
+    add("--workers", metavar="N", type=int, default=1,
+        help="tokenizer processes (default 1: encode in this process, on all cores through the tokenizer's own "
+             "threads; see bench/data.py to compare on your machine)")
     add("--seed", metavar="N", type=int, default=1234, help="seed of the file order (default %(default)s)")
     add("--force", action="store_true", help="rebuild even if OUT is complete and up to date")
     add("--quiet", action="store_true", help="no progress bar")
