@@ -8,9 +8,11 @@ Text -> per-domain token bins for training (read back by data.py).
         --max-tokens-per-domain 100000000 --out data/slimpajama          # needs `pip install datasets`
 
 Output: OUT/meta.json and OUT/<domain>/{train,val}.bin, flat little-endian token ids, uint16 when the
-vocabulary fits (<= 65536 ids), else uint32. Each document is stored as [BOS] text EOS, following the
-tokenizer's convention (BOS only for families that use one). The validation split is held out by whole
-documents: every 5th document goes to val until it holds --val-tokens tokens.
+vocabulary fits (<= 65536 ids), else uint32. Each document is stored as [BOS] text EOS: BOS only for
+families that use one; EOS is the tokenizer's document-end token (<|endoftext|>, <|end_of_text|>) when it
+has one, not a chat model's end-of-turn token, else its configured EOS (--eos-token overrides). The
+validation split is held out by whole documents: every 5th document goes to val until it holds --val-tokens
+tokens.
 
 The demo corpus is real text found on any Debian + Python machine: the Python standard library (code),
 license texts (legal), Debian changelogs (changelog), English man pages rendered to text (man) and
@@ -55,6 +57,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 DEMO_DOMAINS = ("code", "legal", "changelog", "man", "man-intl")
+DOC_END = ("<|endoftext|>", "<|end_of_text|>")  # GPT-2/NeoX/Qwen/SmolLM and Llama-3 document ends
 
 
 class PrepareError(Exception):
@@ -81,8 +84,6 @@ def read_json(path: Path) -> dict:
     except (ValueError, OSError) as e:
         raise PrepareError(f"cannot read {path}: {e}") from None
 
-
-DOC_END = ("<|endoftext|>", "<|end_of_text|>")  # GPT-2/NeoX/Qwen/SmolLM and Llama-3 document ends
 
 
 class Tokenizer:

@@ -15,7 +15,7 @@ from dro import DomainWeighter, chi2_divergence, fit_power_law, fit_scaling_law,
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# drpruning-method.md §9: RedPajama proportions and the LLaMA-2 1.3b reference losses,
+# the original DRPruning setup: RedPajama proportions and the LLaMA-2 1.3b reference losses,
 # domains [cc, github, book, stackexchange, wiki, arxiv, c4]
 NAMES = ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4"]
 P = np.array([0.67, 0.045, 0.045, 0.02, 0.045, 0.025, 0.15])
@@ -45,9 +45,9 @@ def random_instance(rng):
 
 
 # -----------------------------------------------------------------------------
-# §9 anchors
+# numbers of the original Sheared-LLaMA / DRPruning update rules
 
-def test_sheared_and_bandit_match_section9():
+def test_sheared_and_bandit_match_original():
     np.testing.assert_allclose(dro.sheared_update(P, LOSS, REF),
                                [0.685290, 0.041660, 0.050881, 0.018524, 0.041660, 0.023151, 0.138834], atol=1e-3)
     np.testing.assert_allclose(dro.sheared_update(P, LOSS, REF, bandit=True),
@@ -64,7 +64,7 @@ def test_sheared_clip_is_the_paper_form():
     np.testing.assert_allclose(w.update(10, val_losses=below), paper, atol=1e-12)  # the weighter defaults to the paper
 
 
-def test_dro_matches_section9():
+def test_dro_matches_original():
     q = solve_chi2_ball(LOSS - REF, P, 0.1, min_prob=0.2, clamp_to_min_p=True)
     np.testing.assert_allclose(q, [0.78205, 0.01936, 0.08986, 0.01936, 0.01936, 0.01936, 0.05064], atol=1e-3)
     q = solve_chi2_ball(LOSS - REF, P, 0.1, min_prob=0.2, clamp_to_min_p=False)
@@ -75,7 +75,7 @@ def test_dro_matches_section9():
     assert abs(chi2_divergence(q, P) - 0.1) < 1e-9
 
 
-def test_dyall_step_matches_section9():
+def test_dyall_step_matches_original():
     w = DomainWeighter(NAMES, P, "dro+eval+dyall", REF, rho=0.1, min_prob=0.2, clamp_to_min_p=True)
     q = w.update(40, max_steps=100, val_losses=LOSS)  # 40% of training: past the 20% DyAll start
     np.testing.assert_allclose(q, [0.78205, 0.01936, 0.08986, 0.01936, 0.01936, 0.01936, 0.05064], atol=1e-3)
@@ -90,7 +90,7 @@ def test_target_loss_too_high():
     loss = REF - 0.3
     loss[2] = REF[2] - 0.05
     excess, times = dro.rescaled_excess(loss, REF)
-    assert times == 9  # §9: the rescale loop stops at refs x 0.9
+    assert times == 9  # the original's rescale loop stops at refs x 0.9
     legacy = DomainWeighter(NAMES, P, "dro+eval", REF, rescale_reference=True).update(0, val_losses=loss)
     np.testing.assert_allclose(legacy, solve_chi2_ball(loss - 0.9 * REF, P, 0.1, 0.2, True), atol=1e-12)
     # default: no rescale. The problem only sees excess up to a constant, so all-negative excess is no special case
@@ -103,7 +103,7 @@ def test_target_loss_too_high():
 LLAMA2_N = [6738415616, 13015864320, 68976648192]
 LLAMA2_LOSSES = [[1.7520, 1.6680, 1.4621], [.6216, .5791, .4890], [1.9063, 1.8242, 1.6450], [1.4482, 1.3936, 1.2805],
                  [1.4844, 1.3945, 1.2118], [1.2637, 1.2109, 1.1148], [1.9219, 1.8486, 1.6848]]
-TARGETS = {  # name: (vocab, hidden, layers, intermediate), reference losses of §9
+TARGETS = {  # name: (vocab, hidden, layers, intermediate), reference losses of the DRPruning scripts
     "1.3b": ((32000, 2048, 24, 5504), [1.9643, 0.7459, 2.1393, 1.6117, 1.7590, 1.4449, 2.1251]),
     "2.7b": ((32000, 2560, 32, 6912), [1.8712, 0.6883, 2.0325, 1.5353, 1.6297, 1.3560, 2.0328]),
     "370m": ((32000, 1024, 24, 2816), [2.1401, 0.8694, 2.3625, 1.7791, 2.0470, 1.6637, 2.3139]),
@@ -114,7 +114,7 @@ TARGET_N = {"1.3b": 1345423360, "2.7b": 2701560320, "370m": 373867520}
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_llama2_reference_losses(target):
     (V, d, L, I), expected = TARGETS[target]
-    n = 2 * V * d + L * (4 * d * d + 3 * d * I + 2 * d) + d  # §9's N_target formula
+    n = 2 * V * d + L * (4 * d * d + 3 * d * I + 2 * d) + d  # the parameter count the reference losses were evaluated at
     assert n == TARGET_N[target]
     np.testing.assert_allclose(dro.estimate_reference_loss(LLAMA2_N, LLAMA2_LOSSES, n), expected, atol=1e-4)
 
