@@ -25,7 +25,7 @@ masks works. For MHA LLaMA this is the reference's 4 d^2 / H per head and 3 d pe
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -56,21 +56,22 @@ class TargetShape:
         if self.num_attention_heads != self.num_key_value_heads * group:
             raise ValueError(f"target num_attention_heads={self.num_attention_heads} must be num_key_value_heads "
                              f"x {group} (pruning removes whole key/value groups of {group} query heads)")
-        if src.model_type == "llama" and self.hidden_size % self.num_attention_heads:
-            # transformers' LlamaConfig refuses such a config even with an explicit head_dim
-            raise ValueError(f"a LLaMA target needs hidden_size divisible by num_attention_heads to load in "
-                             f"transformers: {self.hidden_size} % {self.num_attention_heads} != 0")
-        if src.neox and self.num_attention_heads * src.head_dim != self.hidden_size:
-            raise ValueError(f"GPT-NeoX needs num_attention_heads x head_dim = hidden_size: "
-                             f"{self.num_attention_heads} x {src.head_dim} != {self.hidden_size}")
+        try:  # what a Hugging Face config of this family can express (head_dim is never pruned)
+            replace(src, **asdict(self), head_dim=src.head_dim)
+        except ValueError as e:
+            raise ValueError(f"target shape: {e}") from None
+
+
+def unit_params(cfg: ModelConfig) -> tuple[int, int]:
+    """Weights per hidden unit of one key/value group (q, k, v, o) and of one MLP channel (gate, up, down)."""
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return 2 * (group + 1) * cfg.head_dim, 2 if cfg.neox else 3
 
 
 def prunable_params(cfg: ModelConfig, shape: TargetShape | None = None) -> int:
     """Weights of attention and MLP in all layers (embeddings, norms, biases excluded) at `shape` (default: cfg's)."""
     s = shape or TargetShape.of(cfg)
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    per_group = 2 * (group + 1) * cfg.head_dim  # per hidden unit
-    per_channel = 2 if cfg.neox else 3
+    per_group, per_channel = unit_params(cfg)
     return s.hidden_size * s.num_hidden_layers * (per_group * s.num_key_value_heads + per_channel * s.intermediate_size)
 
 
@@ -182,21 +183,21 @@ class L0Module(nn.Module):
         heads = p["head"].sum(-1) if "head" in p else ref.new_full((L,), nkv)
         channels = p["intermediate"].sum(-1) if "intermediate" in p else ref.new_full((L,), I)
         hidden = p["hidden"].sum() if "hidden" in p else cfg.hidden_size
-        group = cfg.num_attention_heads // nkv
-        per_group, per_channel = 2 * (group + 1) * cfg.head_dim, 2 if cfg.neox else 3
+        per_group, per_channel = unit_params(cfg)
         return hidden * (layer * (per_group * heads + per_channel * channels)).sum()
 
     def expected_sparsity(self) -> dict:
         """Per mask: 1 - expected kept fraction, per row ([L] for head/intermediate, scalar for layer/hidden)."""
         return {m: 1 - self.z[m].prob_nonzero().mean(-1) for m in self.names}
 
-    def target_sparsity(self, step: int) -> dict:
-        """Per-mask target, linearly warmed up from start_sparsity over warmup_steps (then constant)."""
+    def _schedule(self, step: int, final: float) -> float:
+        # linear warm-up from start_sparsity to the final target over warmup_steps, then constant
         frac = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        shape = {"layer": self.cfg.num_hidden_layers, "head": self.cfg.num_key_value_heads,
-                 "intermediate": self.cfg.intermediate_size, "hidden": self.cfg.hidden_size}
-        return {m: self.start_sparsity + (1 - self.keep[m] / shape[m] - self.start_sparsity) * frac
-                for m in self.names}
+        return self.start_sparsity + (final - self.start_sparsity) * frac
+
+    def target_sparsity(self, step: int) -> dict:
+        """Per-mask target sparsity at `step`: 1 - kept/units per row at the end of the warm-up."""
+        return {m: self._schedule(step, 1 - self.keep[m] / self.z[m].log_alpha.shape[-1]) for m in self.names}
 
     def lagrangian(self, step: int) -> torch.Tensor:
         """sum over masks of mean_rows( lambda_1 (s - t) + lambda_2 (s - t)^2 ): minimised by the masks,
@@ -217,8 +218,7 @@ class L0Module(nn.Module):
         out = {f"expected_{m}_sparsity": float(e[m].mean()) for m in self.names}
         out.update({f"target_{m}_sparsity": float(t[m]) for m in self.names})
         n = float(self.expected_num_params())
-        frac = min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         out.update(expected_num_params=n, expected_sparsity=1 - n / self.prunable,
-                   target_sparsity=self.start_sparsity + (self.target_sparsity_final - self.start_sparsity) * frac)
+                   target_sparsity=self._schedule(step, self.target_sparsity_final))
         out.update({k: float(v) for k, v in self.lambdas.items()})
         return out
