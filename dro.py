@@ -14,12 +14,13 @@ Calling contract (train.py):
     # of the whole global step, already summed over micro-batches and ranks:
     w.observe_train(loss_sums, token_counts)
     # at each evaluation step; returns the proportions to sample from until the next call:
-    q = w.update(step, max_steps=max_steps, val_losses=val, expected_sparsity=s, target_sparsity=t)
+    q = w.update(step, max_steps=max_steps, val_losses=val, expected_sparsity=s, final_sparsity=t)
     w.proportions, w.stats()               # current weights; a flat dict for the logger
     w.state_dict(), w.load_state_dict(sd)  # plain Python types, torch.save-able (weights_only too)
 
 `step` counts optimizer steps of the current stage and `max_steps` is that stage's length; the sparsities
-are the L0 module's expected and final target sparsity while pruning, None in continued pretraining.
+are the L0 module's expected and final target sparsity while pruning (`L0Module.stats()`'s `expected_sparsity`
+and `final_sparsity`), None in continued pretraining.
 Methods: "constant", "sheared", "bandit", or "dro" with options "+eval", "+dy", "+dyall" (case-insensitive).
 
 The module also estimates reference losses the way the DRPruning paper does: fit L(N) = a*N^-b + c per
@@ -87,6 +88,8 @@ def solve_chi2_ball(excess, p, rho: float, min_prob: float = 0.0, clamp_to_min_p
       original floored q/p before renormalising, which gives the same q whenever the floor does not bind.
     - a domain whose excess is NaN (no loss measured) keeps its share p_g; the others solve the same problem
       on the remaining mass. Domains with p_g = 0 stay at 0.
+    - an excess of +inf (a diverged loss) is the worst domain: the limit of an ever larger excess, where the
+      infinite domains take all the mass the ball allows and the finite ones, tied below, share the rest.
     """
     e, p = _f64(excess), _f64(p)
     if e.shape != p.shape:
@@ -97,7 +100,9 @@ def solve_chi2_ball(excess, p, rho: float, min_prob: float = 0.0, clamp_to_min_p
         raise ValueError(f"need rho >= 0 and min_prob >= 0, got rho={rho}, min_prob={min_prob}")
     p = p / p.sum()
     q = p.copy()
-    act = (p > 0) & np.isfinite(e)
+    act = (p > 0) & ~np.isnan(e)
+    if np.isinf(e[act]).any():  # the limit of an infinite excess: the finite domains are tied, far from it
+        e = np.where(np.isinf(e), np.sign(e), 0.0)
     if act.sum() < 2 or rho == 0 or min_prob >= 1 or e[act].max() == e[act].min():
         return q  # nothing to move: one domain, no ball, a floor that is the whole mass, or all tied
     P = p[act].sum()
@@ -144,11 +149,14 @@ def sheared_update(p, loss, reference, lr: float = 1.0, smoothing: float = 1e-4,
     paper (clip=True); clip=False is the released code, where a domain below its reference loses weight.
     bandit=True is the original DRPruning's bandit baseline, softmax(p + lr*delta), unclipped."""
     p, delta = _f64(p), _f64(loss) - _f64(reference)
-    delta = np.where(np.isfinite(delta), delta, 0.0)  # an unmeasured domain keeps its relative weight
+    delta = np.where(np.isnan(delta), 0.0, delta)  # an unmeasured domain keeps its relative weight
     if clip and not bandit:
         delta = np.maximum(delta, 0.0)
-    with np.errstate(divide="ignore"):
-        logits = (p if bandit else np.log(p)) + lr * delta
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base = p if bandit else np.log(p)
+        # +inf (a diverged loss) is the limit of an ever larger delta: the infinite domains take all the weight
+        inf = np.isposinf(delta)
+        logits = np.where(inf, base, -np.inf) if inf.any() else base + lr * delta
     w = np.exp(logits - logits.max())
     w = (1 - smoothing) * w / w.sum() + smoothing / len(w)
     return w / w.sum()
@@ -384,7 +392,7 @@ class DomainWeighter:
             raise ValueError(f"expected {len(self.names)} loss sums and token counts, got {s.size} and {c.size}")
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(c > 0, s / c, np.nan)
-        ok = np.isfinite(mean)
+        ok = ~np.isnan(mean)  # measured; +inf (a diverged loss) counts, as the worst
         ema = np.where(np.isnan(self.train_ema), mean, (1 - self.ema) * self.train_ema + self.ema * mean)
         self.train_ema = np.where(ok, ema, self.train_ema)
         self.tokens += np.where(c > 0, c, 0.0)
@@ -393,7 +401,7 @@ class DomainWeighter:
         self.n_observed += 1
 
     def update(self, step: int, *, max_steps: int | None = None, val_losses=None, expected_sparsity=None,
-               target_sparsity=None) -> list[float]:
+               final_sparsity=None) -> list[float]:
         """At an evaluation step: the new proportions (also in self.proportions). val_losses are used by
         sheared, bandit and +eval, ignored otherwise; max_steps is needed by +dy and +dyall."""
         m, k = self.method, len(self.names)
@@ -408,7 +416,7 @@ class DomainWeighter:
         if m.dynamic_reference and step >= self.history_start * max_steps:
             self._record(step, recent, expected_sparsity)
         if m.dynamic_reference and step >= self.fit_start * max_steps:
-            self._refit(step, max_steps, target_sparsity)
+            self._refit(step, max_steps, final_sparsity)
         self.excess = losses - self.reference
         if m.name in ("sheared", "bandit"):
             self.q = sheared_update(self.q, losses, self.reference, self.sheared_lr, self.sheared_smoothing,
@@ -430,7 +438,7 @@ class DomainWeighter:
                 if len(h) > self.max_history:  # drop one of the oldest half, seeded so that every rank agrees
                     del h[int(np.random.default_rng([self.seed, int(step), g]).integers(self.max_history // 2))]
 
-    def _refit(self, step, max_steps, target_sparsity):
+    def _refit(self, step, max_steps, final_sparsity):
         t0 = time.perf_counter()
         for g, h in enumerate(self.history):
             if len(h) < self.min_history:
@@ -441,7 +449,7 @@ class DomainWeighter:
             if len(fit.loss) == 0:
                 continue
             # predict the end of training: this domain's tokens extrapolated at the rate so far, the final sparsity
-            s_end = (s[-1] if target_sparsity is None else float(target_sparsity)) if pruning else None
+            s_end = (s[-1] if final_sparsity is None else float(final_sparsity)) if pruning else None
             pred = np.clip(fit.predict(self.tokens[g] * max_steps / step, s_end), 0.0, y.min()).mean()
             # (the refits' predictions are each clipped to [0, best observed loss], then averaged)
             # the first fit replaces the initial reference (another model's loss); later fits may only lower it

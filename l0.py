@@ -2,17 +2,38 @@
 Hard-concrete L0 masks that learn which layers, key/value groups, MLP channels and hidden dimensions to keep, and
 the Lagrangian that drives them to an exact target shape (Sheared-LLaMA's targeted structured pruning).
 
-    from l0 import L0Module, TargetShape
+    from l0 import L0Module, TargetShape, mask_generator
     target = TargetShape(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                          intermediate_size=5504)
-    l0 = L0Module(model.config, target)                       # masks: layer_z, head_z, intermediate_z, hidden_z
-    masks = l0(generator=g)                                   # training: one sample per optimizer step
-    loss = model(x, y, masks=masks) + l0.lagrangian(step)     # lambdas are *maximised* (gradient reversal)
-    ...
+    l0 = L0Module(model.config, target, warmup_steps=640)     # fp32, replicated beside the (sharded) model
+    for row in range(first_row, last_row, micro_batch_size):  # this rank's micro-batches of the global batch
+        masks = l0(mask_generator(seed, step, row))           # one sample per micro-batch
+        (model(x, y, masks=masks) ...).backward()
+    l0.lagrangian(step).backward()                            # lambdas are *maximised* (gradient reversal)
+    l0.all_reduce_grads_(); opt.step(); l0.constrain_()
+    l0.eval(); masks = l0()                                   # evaluation while pruning: the expected size
     small = model.prune(l0.deterministic_masks())             # exactly the target shape
 
 Masks (one unit each):  layer_z [L]  ·  head_z [L, H_kv] (a key/value group with its query heads; for MHA a
-head)  ·  intermediate_z [L, I]  ·  hidden_z [d].  head_dim is never pruned.
+head)  ·  intermediate_z [L, I]  ·  hidden_z [d].  head_dim is never pruned. A mask type whose target keeps every
+unit (e.g. the layers of LLaMA-2-7B -> 2.7b, 32 -> 32) is not pruned at all: no gates, no Lagrangian term (its
+lambda would otherwise grow without bound, since log_alpha is clamped and its expected sparsity can never reach 0).
+
+Sampling. The original draws new masks at every forward, i.e. per micro-batch and per rank. We do the same, from a
+CPU generator seeded by (seed, step, index of the micro-batch's first row in the global batch): a run draws the
+same masks for the same rows whatever the world size or the gradient accumulation, for a fixed micro-batch size.
+All masks' noise is drawn as one CPU tensor and copied to the device once (pinned, non-blocking).
+
+Three kinds of masks: `l0()` in training mode samples; `l0.eval()()` gives `expected_masks()`: per row the
+round(sum P(z > 0)) units with the largest log_alpha, i.e. the model of the size the masks currently describe
+(the original's eval_target_model=false), which is what validation while pruning measures and what the dynamic
+reference loss pairs with the expected sparsity; `deterministic_masks()` keeps exactly the target's units per row,
+for compaction. Both are binary, so the masked model equals the compacted one.
+
+Distributed. The module is tiny: keep it replicated in fp32 on every rank, outside FSDP and outside mixed
+precision (bf16 would move log_alpha's init from ln 100 = 4.605 to 4.594 and double the expected sparsity at init);
+it refuses to run in a lower precision. Call `all_reduce_grads_()` after backward (it averages the gradients over
+ranks), and give its parameters weight decay 0: decoupled weight decay would shrink lambda under gradient reversal.
 
 Expected size. A unit's gate is non-zero with probability s = sigmoid(log_alpha - beta * ln(-l / r)). The
 expected number of prunable parameters (weights of q/k/v/o and the MLP; embeddings, norms and biases excluded) is
@@ -27,7 +48,9 @@ masks works. For MHA LLaMA this is the reference's 4 d^2 / H per head and 3 d pe
 import math
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from model import ModelConfig
@@ -95,21 +118,21 @@ class HardConcrete(nn.Module):
         # P(z > 0) = 1 - Q(0), Q the CDF of the stretched concrete: sigmoid(log_alpha - beta * ln(-l / r))
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.limit_l / self.limit_r))
 
-    def sample(self, generator=None) -> torch.Tensor:
-        eps = 1e-6
-        u = torch.rand(self.log_alpha.shape, generator=generator, device="cpu").to(self.log_alpha.device)
-        u = u.clamp(eps, 1 - eps)
+    def sample(self, u: torch.Tensor) -> torch.Tensor:
+        """A mask sample from uniform noise u (same shape as log_alpha, on its device)."""
+        u = u.clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0, 1)
 
     @torch.no_grad()
-    def deterministic(self, k: int) -> torch.Tensor:
-        """Binary mask keeping exactly k units per row (last axis): the k largest log_alpha, ties to lower index.
-        Kept values are exactly 1, so folding them into the weights changes nothing."""
-        la = self.log_alpha.detach().float().reshape(-1, self.log_alpha.shape[-1])
-        order = torch.argsort(-la, dim=-1, stable=True)[:, :k]
-        z = torch.zeros_like(la).scatter_(-1, order, 1.0)
-        return z.reshape(self.log_alpha.shape)
+    def keep_top(self, k) -> torch.Tensor:
+        """Binary mask keeping the k largest log_alpha of each row (last axis), ties to the lower index; k is an int
+        or a tensor with one count per row. Kept values are exactly 1, so folding them changes nothing."""
+        la = self.log_alpha.detach().reshape(-1, self.log_alpha.shape[-1])
+        order = torch.argsort(-la, dim=-1, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(la.shape[-1], device=la.device).expand_as(order))
+        k = torch.as_tensor(k, device=la.device).reshape(-1, 1)
+        return (rank < k).to(la.dtype).reshape(self.log_alpha.shape)
 
     @torch.no_grad()
     def constrain_(self):
@@ -126,6 +149,12 @@ class _GradReverse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return -g
+
+
+def mask_generator(seed: int, step: int, row: int) -> torch.Generator:
+    """The CPU generator for one micro-batch's masks, seeded by (seed, step, index of the micro-batch's first row
+    in the global batch) through numpy's SeedSequence, so nearby keys give unrelated streams."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, row]).generate_state(1, np.uint64)[0]))
 
 
 class L0Module(nn.Module):
@@ -146,35 +175,72 @@ class L0Module(nn.Module):
             if name not in masks and k != shape[-1]:
                 raise ValueError(f"the target changes the {name} dimension ({shape[-1]} -> {k}) but {name!r} is "
                                  f"not among the pruned masks {list(masks)}")
-        self.names = [m for m in MASKS if m in masks]
+        # a mask type whose target keeps all its units is not pruned (see the module doc)
+        self.names = [m for m in MASKS if m in masks and spec[m][1] < spec[m][0][-1]]
+        if not self.names:
+            raise ValueError("the target shape equals the source model's: there is nothing to prune")
         self.keep = {m: spec[m][1] for m in self.names}
         self.z = nn.ModuleDict({m: HardConcrete(spec[m][0]) for m in self.names})
         # one (lambda_1, lambda_2) pair per mask, both starting at 0
         self.lambdas = nn.ParameterDict({f"lambda_{i}_{m}": nn.Parameter(torch.zeros(())) for m in self.names
                                          for i in (1, 2)})
         self.prunable = prunable_params(cfg)
-        self.target_sparsity_final = 1 - prunable_params(cfg, target) / self.prunable
+        self.final_sparsity = 1 - prunable_params(cfg, target) / self.prunable
 
-    def forward(self, generator=None) -> dict:
-        """Masks for the model: sampled in training (one draw per call; pass a CPU torch.Generator seeded the same
-        on every rank, e.g. from (seed, step), so all ranks and micro-batches of a step share them; the noise is
-        drawn on the CPU so it is the same whatever the device), deterministic in eval."""
+    def _check_precision(self):
+        dtype = self.z[self.names[0]].log_alpha.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"L0Module holds {dtype} parameters; keep it in float32, outside FSDP mixed precision "
+                            "(reduced precision moves the hard-concrete init and the expected sparsity)")
+
+    def forward(self, generator: torch.Generator | None = None) -> dict:
+        """Training: one mask sample, its noise drawn from `generator` (a CPU generator, see mask_generator) as
+        one CPU tensor and copied to the device once. Eval: expected_masks()."""
+        self._check_precision()
         if not self.training:
-            return self.deterministic_masks()
-        return {f"{m}_z": self.z[m].sample(generator) for m in self.names}
+            return self.expected_masks()
+        las = [self.z[m].log_alpha for m in self.names]
+        u = torch.rand(sum(la.numel() for la in las), generator=generator, dtype=las[0].dtype)
+        if las[0].device.type == "cuda":
+            u = u.pin_memory()  # so the copy below is asynchronous: no stream sync in the training step
+        u = u.to(las[0].device, non_blocking=True).split([la.numel() for la in las])
+        return {f"{m}_z": self.z[m].sample(ui.view_as(la)) for m, ui, la in zip(self.names, u, las)}
 
+    @torch.no_grad()
+    def expected_masks(self) -> dict:
+        """Binary masks of the size the gates currently describe: per row the round(sum P(z > 0)) units with the
+        largest log_alpha (ties to the lower index). Used to evaluate while pruning."""
+        return {f"{m}_z": self.z[m].keep_top(self.z[m].prob_nonzero().sum(-1).round()) for m in self.names}
+
+    @torch.no_grad()
     def deterministic_masks(self) -> dict:
-        return {f"{m}_z": self.z[m].deterministic(self.keep[m]) for m in self.names}
+        """Binary masks keeping exactly the target's units per row: what compaction (model.prune) uses."""
+        return {f"{m}_z": self.z[m].keep_top(self.keep[m]) for m in self.names}
 
     def constrain_(self):
         """Keep log_alpha in [ln 0.01, ln 100]; call after every optimizer step."""
         for z in self.z.values():
             z.constrain_()
 
+    @torch.no_grad()
+    def all_reduce_grads_(self):
+        """Average the gradients over the ranks of the default process group (one all-reduce); a no-op in one
+        process. The module is replicated, so every rank then takes the same optimizer step."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        params = [p for p in self.parameters() if p.grad is not None]
+        if params:
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)  # SUM: gloo has no AVG
+            flat /= dist.get_world_size()
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
+
     # -------------------------------------------------------------------------
     # expected size, schedule, Lagrangian
 
     def expected_num_params(self) -> torch.Tensor:
+        self._check_precision()
         cfg = self.cfg
         p = {m: self.z[m].prob_nonzero() for m in self.names}
         L, nkv, I = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.intermediate_size
@@ -188,6 +254,7 @@ class L0Module(nn.Module):
 
     def expected_sparsity(self) -> dict:
         """Per mask: 1 - expected kept fraction, per row ([L] for head/intermediate, scalar for layer/hidden)."""
+        self._check_precision()
         return {m: 1 - self.z[m].prob_nonzero().mean(-1) for m in self.names}
 
     def _schedule(self, step: int, final: float) -> float:
@@ -196,7 +263,7 @@ class L0Module(nn.Module):
         return self.start_sparsity + (final - self.start_sparsity) * frac
 
     def target_sparsity(self, step: int) -> dict:
-        """Per-mask target sparsity at `step`: 1 - kept/units per row at the end of the warm-up."""
+        """Per-mask target sparsity at `step` on the warm-up schedule (1 - kept/units per row after it)."""
         return {m: self._schedule(step, 1 - self.keep[m] / self.z[m].log_alpha.shape[-1]) for m in self.names}
 
     def lagrangian(self, step: int) -> torch.Tensor:
@@ -213,12 +280,13 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def stats(self, step: int) -> dict:
-        """Floats for logging: expected/target sparsity per mask and overall, expected size, lambdas."""
+        """Floats for logging: expected and scheduled target sparsity per mask and overall (`target_sparsity`,
+        on the warm-up schedule), the final target (`final_sparsity`), the expected size, the lambdas."""
         e, t = self.expected_sparsity(), self.target_sparsity(step)
         out = {f"expected_{m}_sparsity": float(e[m].mean()) for m in self.names}
         out.update({f"target_{m}_sparsity": float(t[m]) for m in self.names})
         n = float(self.expected_num_params())
         out.update(expected_num_params=n, expected_sparsity=1 - n / self.prunable,
-                   target_sparsity=self._schedule(step, self.target_sparsity_final))
+                   target_sparsity=self._schedule(step, self.final_sparsity), final_sparsity=self.final_sparsity)
         out.update({k: float(v) for k, v in self.lambdas.items()})
         return out

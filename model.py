@@ -9,7 +9,9 @@ One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families
 - Attention goes through `F.scaled_dot_product_attention`, GQA included (`num_key_value_heads`).
 - `forward(idx, targets, masks=...)` applies the L0 masks of l0.py (`layer_z [L]`, `head_z [L, H_kv]`,
   `intermediate_z [L, I]`, `hidden_z [d]`); `prune(masks)` folds them and returns a smaller dense model that
-  computes the same function as the masked one.
+  computes the same function as the masked one; `prune_state_dict` does the same on a gathered state dict.
+- With a large vocabulary the loss is computed in chunks of tokens (`LinearCrossEntropy`), so the (tokens, vocab)
+  fp32 logits are never materialised.
 
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_dir")       # or a hub id cached locally
@@ -168,10 +170,11 @@ ACT = {
 }
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (rotary_dim/2,), fp32, with the config's frequency scaling (as Hugging Face computes it)."""
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim/2,), fp32, with the config's frequency scaling (as Hugging Face computes it).
+    Built directly on `device`: a CPU tensor copied to the GPU would block on a stream sync at every forward."""
     dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     rs = cfg.rope_scaling or {}
     if rs.get("rope_type") == "linear":
         inv_freq = inv_freq / rs["factor"]
@@ -190,8 +193,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_cos_sin(cfg: ModelConfig, T: int, device, dtype):
     # recomputed per forward (T x rotary_dim/2 flops): no cached buffer to rebuild after meta-device init
-    inv_freq = rope_inv_freq(cfg).to(device)
-    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, rd/2)
+    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), rope_inv_freq(cfg, device))  # (T, rd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -211,8 +213,13 @@ def apply_z(x, z):
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama, qwen2) or LayerNorm with bias (gpt_neox). With `hidden_z`, the statistics are taken over the
-    kept dimensions only and the output is multiplied by the mask, so it equals the norm of the compacted model."""
+    """RMSNorm (llama, qwen2) or LayerNorm with bias (gpt_neox), statistics in fp32 as Hugging Face computes them.
+
+    With `hidden_z` (and `hidden_n`, its number of non-zero entries), the statistics are taken over the kept
+    dimensions only and the output is multiplied by the mask, so it equals the norm of the compacted model. This
+    relies on an invariant of the masked forward: the residual stream is exactly 0 on dropped dimensions (the
+    embedding and every sublayer output are multiplied by hidden_z), so sums over all dimensions are sums over the
+    kept ones and no (B, T, d) keep-mask multiply is needed."""
 
     def __init__(self, d: int, eps: float, bias: bool):
         super().__init__()
@@ -220,22 +227,20 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias else None
 
-    def forward(self, x, hidden_z=None):
+    def forward(self, x, hidden_z=None, hidden_n=None):
         dtype = x.dtype
-        x = x.float()  # statistics in fp32, as Hugging Face does
-        if hidden_z is None:
-            if self.bias is not None:
+        x = x.float()
+        if self.bias is not None:  # LayerNorm: weight and bias applied in fp32 (F.layer_norm does), then cast
+            if hidden_z is None:
                 return F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps).to(dtype)
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * x.to(dtype)
-        keep = (hidden_z != 0).to(x.device, torch.float32)  # (d,)
-        n = keep.sum().clamp(min=1)  # a sample may close every gate: zeros, not NaN
-        if self.bias is not None:
-            x = (x - (x * keep).sum(-1, keepdim=True) / n) * keep
-            x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / n + self.eps)
-            return apply_z(self.weight * x.to(dtype) + self.bias, hidden_z)
-        x = x * torch.rsqrt((x.pow(2) * keep).sum(-1, keepdim=True) / n + self.eps)
-        return apply_z(self.weight * x.to(dtype), hidden_z)
+            x = torch.where(hidden_z != 0, x - x.sum(-1, keepdim=True) / hidden_n, 0.0)  # centred on kept dims
+            x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / hidden_n + self.eps)
+            return ((x * self.weight.float() + self.bias.float()) * hidden_z).to(dtype)
+        # RMSNorm: the weight multiplies the normalised input cast back to its dtype (as Hugging Face Llama)
+        if hidden_z is None:
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / hidden_n + self.eps)
+        return (self.weight * hidden_z.to(self.weight.dtype)) * x.to(dtype)
 
 
 class Attention(nn.Module):
@@ -253,11 +258,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if head_z is not None:
+            # one unit per key/value group. Attention is linear in v (bias included), so scaling the group's values
+            # scales the outputs of all its query heads: exact, and nh/nkv times cheaper than masking the output
+            v = apply_z(v, head_z[:, None, None])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hs)
-        if head_z is not None:
-            # one unit per key/value group: query head h belongs to group h // (nh // nkv), as in HF repeat_kv
-            y = apply_z(y, head_z.repeat_interleave(self.nh // self.nkv)[:, None, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 
@@ -279,9 +285,9 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     r"""
-    sequential:  x = x + z(attn(ln1(x)));  x = x + z(mlp(ln2(x)))
-    parallel:    x = x + z(attn(ln1(x))) + z(mlp(ln2(x)))          (GPT-NeoX use_parallel_residual)
-    where z(.) multiplies a sublayer's output by layer_z and hidden_z.
+    sequential:  x = x + out_z * attn(ln1(x));  x = x + out_z * mlp(ln2(x))
+    parallel:    x = x + out_z * attn(ln1(x)) + out_z * mlp(ln2(x))          (GPT-NeoX use_parallel_residual)
+    where out_z = layer_z * hidden_z, formed once per layer by the caller.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -293,15 +299,55 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.parallel = cfg.use_parallel_residual
 
-    def forward(self, x, cos, sin, layer_z=None, head_z=None, intermediate_z=None, hidden_z=None):
-        def out(t):
-            return apply_z(apply_z(t, layer_z), hidden_z)
-
-        a = out(self.self_attn(self.input_layernorm(x, hidden_z), cos, sin, head_z))
+    def forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None):
+        a = apply_z(self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z), out_z)
         if self.parallel:
-            return x + a + out(self.mlp(self.post_attention_layernorm(x, hidden_z), intermediate_z))
+            m = self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z)
+            return x + a + apply_z(m, out_z)
         x = x + a
-        return x + out(self.mlp(self.post_attention_layernorm(x, hidden_z), intermediate_z))
+        return x + apply_z(self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z), out_z)
+
+
+# -----------------------------------------------------------------------------
+# cross-entropy over a large vocabulary, without the (tokens, vocab) logits
+
+LOGITS_CHUNK = 2**26  # logits per chunk (256 MB in fp32) when the whole (tokens, vocab) matrix would be larger
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits = h @ weight.T, `chunk` tokens at a time: the (N, V) logits and their fp32
+    copy are never held for the whole batch (Qwen2's 152k vocabulary at 4k tokens is 2.5 GB of fp32 logits per
+    sequence). The backward recomputes each chunk's logits: one more lm_head matmul, as activation checkpointing.
+    Same numbers as F.cross_entropy(lm_head(h).float()): logits in the activation dtype, softmax in fp32.
+
+    h (N, d), weight (V, d), targets (N,) with -100 = ignore -> (N,) fp32 losses (0 where ignored)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int):
+        loss = torch.empty(len(h), device=h.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+        for i in range(0, len(h), chunk):
+            logits = (h[i:i + chunk] @ weight.T).float()  # (c, V)
+            t = targets[i:i + chunk]
+            lse[i:i + chunk] = torch.logsumexp(logits, -1)
+            picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
+            loss[i:i + chunk] = torch.where(t != -100, lse[i:i + chunk] - picked, 0.0)
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets, lse = ctx.saved_tensors
+        dh, dw = torch.empty_like(h), torch.zeros_like(weight)
+        for i in range(0, len(h), ctx.chunk):
+            hc, t = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
+            g = torch.exp((hc @ weight.T).float() - lse[i:i + ctx.chunk, None])  # softmax (c, V)
+            g.scatter_add_(-1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
+            g = (g * torch.where(t != -100, grad[i:i + ctx.chunk], 0.0)[:, None]).to(h.dtype)  # dloss/dlogits
+            dh[i:i + ctx.chunk] = g @ weight
+            dw.addmm_(g.T, hc)
+        return dh, dw, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -343,23 +389,33 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean"):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
         cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B, T = idx.shape
         masks = masks or {}
-        hidden_z = masks.get("hidden_z")
+        layer_z, hidden_z = masks.get("layer_z"), masks.get("hidden_z")
+        # kept hidden dims, counted once per forward for all 2L+1 norms (a sample may close every gate: 0, not NaN)
+        hidden_n = None if hidden_z is None else (hidden_z != 0).sum().clamp(min=1)
         x = apply_z(self.model.embed_tokens(idx), hidden_z)  # (B, T, d)
         cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            z = {k: masks[k][i] for k in ("layer_z", "head_z", "intermediate_z") if k in masks}
-            x = layer(x, cos, sin, hidden_z=hidden_z, **z)
-        logits = self.lm_head(self.model.norm(x, hidden_z))  # (B, T, V)
+            z = {k: masks[k][i] for k in ("head_z", "intermediate_z") if k in masks}
+            # a sublayer's output is scaled by layer_z and hidden_z: their product, once per layer
+            out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
+            x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, **z)
+        x = self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+            return self.lm_head(x)  # (B, T, V)
+        V = self.config.vocab_size
+        if B * T * V > LOGITS_CHUNK:
+            loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                            max(1, LOGITS_CHUNK // V))
+        else:
+            logits = self.lm_head(x).float()  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
         loss = loss.view(B, T)
         if reduction == "none":
             return loss
-        if reduction != "mean":
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         return loss.sum() / (targets != -100).sum().clamp(min=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -370,88 +426,106 @@ class Transformer(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    # -------------------------------------------------------------------------
-    # compaction
-
     @torch.no_grad()
     def prune(self, masks: dict) -> "Transformer":
-        """Fold the (deterministic) masks into the weights and drop every zeroed unit: returns a new, smaller dense
-        Transformer with a uniform shape (so a standard HF config describes it) that computes what the masked model
-        computes. Kept mask values need not be 1; they are folded into the weight that follows them."""
-        cfg = self.config
-        L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
-        if unknown := set(masks) - {"layer_z", "head_z", "intermediate_z", "hidden_z"}:
-            raise ValueError(f"unknown masks {sorted(unknown)}; expected layer_z, head_z, intermediate_z, hidden_z")
-        dev = self.lm_head.weight.device
-        get = lambda k, *shape: masks[k].to(dev, torch.float32) if k in masks else torch.ones(*shape, device=dev)
-        layer_z, head_z = get("layer_z", L), get("head_z", L, nkv)
-        int_z, hid_z = get("intermediate_z", L, I), get("hidden_z", d)
-        for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
-                               ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
-            if tuple(z.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(z.shape)}, expected {shape} for this model")
-        layers = layer_z.nonzero().flatten().tolist()
-        kh = hid_z.nonzero().flatten()  # kept hidden dims
-        if not layers or not len(kh):
-            raise ValueError("the masks drop every layer or every hidden dimension")
-        n_kv = {int((head_z[i] != 0).sum()) for i in layers}
-        n_int = {int((int_z[i] != 0).sum()) for i in layers}
-        if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
-            raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
-                             f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
-        if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
-            raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
-                             "absorb the mask twice)")
-        group = cfg.num_attention_heads // nkv
-        n_kv = n_kv.pop()
-        # __post_init__ checks what a Hugging Face config of this family can express
-        new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv,
-                          num_attention_heads=n_kv * group, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
+        """Fold the (deterministic) masks into the weights and drop every zeroed unit: a new, smaller dense
+        Transformer that computes what the masked model computes (see prune_state_dict)."""
+        return Transformer.from_state_dict(*prune_state_dict(self.config, self.state_dict(), masks))
 
-        hs = cfg.head_dim
-        z_h = hid_z[kh]
-        sd = {"model.embed_tokens.weight": self.model.embed_tokens.weight[:, kh] * z_h}
 
-        def norm(prefix, mod):  # the masked norm multiplies its output by hidden_z: fold it into weight and bias
-            sd[prefix + ".weight"] = mod.weight[kh] * z_h
-            if mod.bias is not None:
-                sd[prefix + ".bias"] = mod.bias[kh] * z_h
+# -----------------------------------------------------------------------------
+# compaction
 
-        def rows(w, idx):  # output units of a Linear weight (out, in) or a bias (out,)
-            return w.index_select(0, idx)
+@torch.no_grad()
+def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConfig, dict]:
+    """Compact a full (unsharded) state dict with the masks: returns (new_config, new_state_dict) of a smaller dense
+    model with a uniform shape (so a standard HF config describes it) that computes what the masked model computes.
+    Kept mask values need not be 1; they are folded into the weight that follows them. Works on plain tensors on any
+    device, so a sharded (FSDP2) model is gathered, compacted here and re-sharded. Each tensor keeps its dtype."""
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(v, DTensor) for v in sd.values()):
+        raise ValueError("prune_state_dict needs full tensors: gather the sharded state dict first "
+                         "(e.g. DTensor.full_tensor())")
+    L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
+    if unknown := set(masks) - {"layer_z", "head_z", "intermediate_z", "hidden_z"}:
+        raise ValueError(f"unknown masks {sorted(unknown)}; expected layer_z, head_z, intermediate_z, hidden_z")
+    dev = sd["model.embed_tokens.weight"].device
+    get = lambda k, *shape: masks[k].to(dev, torch.float32) if k in masks else torch.ones(*shape, device=dev)
+    layer_z, head_z = get("layer_z", L), get("head_z", L, nkv)
+    int_z, hid_z = get("intermediate_z", L, I), get("hidden_z", d)
+    for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
+                           ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
+        if tuple(z.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(z.shape)}, expected {shape} for this model")
+    layers = layer_z.nonzero().flatten().tolist()
+    kh = hid_z.nonzero().flatten()  # kept hidden dims
+    if not layers or not len(kh):
+        raise ValueError("the masks drop every layer or every hidden dimension")
+    n_kv = {int((head_z[i] != 0).sum()) for i in layers}
+    n_int = {int((int_z[i] != 0).sum()) for i in layers}
+    if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
+        raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
+                         f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
+    if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
+        raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
+                         "absorb the mask twice)")
+    group = cfg.num_attention_heads // nkv
+    n_kv = n_kv.pop()
+    # __post_init__ checks what a Hugging Face config of this family can express
+    new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv,
+                      num_attention_heads=n_kv * group, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
 
-        for j, i in enumerate(layers):
-            src, pre = self.model.layers[i], f"model.layers.{j}."
-            norm(pre + "input_layernorm", src.input_layernorm)
-            norm(pre + "post_attention_layernorm", src.post_attention_layernorm)
-            a, m = src.self_attn, src.mlp
-            kv = head_z[i].nonzero().flatten()  # kept key/value groups
-            kv_rows = (kv[:, None] * hs + torch.arange(hs, device=kv.device)).flatten()
-            q_heads = (kv[:, None] * group + torch.arange(group, device=kv.device)).flatten()
-            q_rows = (q_heads[:, None] * hs + torch.arange(hs, device=kv.device)).flatten()
-            for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-                lin = getattr(a, name)
-                sd[pre + f"self_attn.{name}.weight"] = rows(lin.weight, r)[:, kh]
-                if lin.bias is not None:
-                    sd[pre + f"self_attn.{name}.bias"] = rows(lin.bias, r)
-            # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
-            out_scale = (layer_z[i] * z_h)[:, None]
-            col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
-            sd[pre + "self_attn.o_proj.weight"] = a.o_proj.weight[kh][:, q_rows] * col_scale * out_scale
-            if a.o_proj.bias is not None:
-                sd[pre + "self_attn.o_proj.bias"] = a.o_proj.bias[kh] * out_scale[:, 0]
-            ch = int_z[i].nonzero().flatten()  # kept MLP channels
-            for name in ("gate_proj", "up_proj"):
-                lin = getattr(m, name)
-                if lin is not None:
-                    sd[pre + f"mlp.{name}.weight"] = rows(lin.weight, ch)[:, kh]
-                    if lin.bias is not None:
-                        sd[pre + f"mlp.{name}.bias"] = rows(lin.bias, ch)
-            sd[pre + "mlp.down_proj.weight"] = m.down_proj.weight[kh][:, ch] * int_z[i][ch] * out_scale
-            if m.down_proj.bias is not None:
-                sd[pre + "mlp.down_proj.bias"] = m.down_proj.bias[kh] * out_scale[:, 0]
-        norm("model.norm", self.model.norm)
-        if not cfg.tie_word_embeddings:
-            sd["lm_head.weight"] = self.lm_head.weight[:, kh]  # its input, the final norm, already carries hidden_z
-        dtype = self.lm_head.weight.dtype
-        return Transformer.from_state_dict(new_cfg, {k: v.to(dtype).contiguous() for k, v in sd.items()})
+    hs, z_h = cfg.head_dim, hid_z[kh]
+    out = {}
+
+    def put(key, value):  # computed in fp32, stored in the source tensor's dtype
+        out[key] = value.to(sd[key].dtype).contiguous()
+
+    def w(key):
+        return sd[key].float()
+
+    put("model.embed_tokens.weight", w("model.embed_tokens.weight")[:, kh] * z_h)
+
+    def norm(src, dst):  # the masked norm multiplies its output by hidden_z: fold it into weight and bias
+        put(dst + ".weight", w(src + ".weight")[kh] * z_h)
+        if src + ".bias" in sd:
+            put(dst + ".bias", w(src + ".bias")[kh] * z_h)
+
+    for j, i in enumerate(layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
+        rename = lambda k: k.replace(src, dst, 1)
+        norm(src + "input_layernorm", dst + "input_layernorm")
+        norm(src + "post_attention_layernorm", dst + "post_attention_layernorm")
+        kv = head_z[i].nonzero().flatten()  # kept key/value groups
+        ar = torch.arange(hs, device=dev)
+        kv_rows = (kv[:, None] * hs + ar).flatten()
+        q_heads = (kv[:, None] * group + torch.arange(group, device=dev)).flatten()
+        q_rows = (q_heads[:, None] * hs + ar).flatten()
+        for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            k = src + f"self_attn.{name}"
+            out[rename(k) + ".weight"] = sd[k + ".weight"][r][:, kh].contiguous()
+            if k + ".bias" in sd:
+                out[rename(k) + ".bias"] = sd[k + ".bias"][r].contiguous()
+        # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
+        out_scale = (layer_z[i] * z_h)[:, None]
+        col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
+        k = src + "self_attn.o_proj"
+        put(rename(k) + ".weight", w(k + ".weight")[kh][:, q_rows] * col_scale * out_scale)
+        if k + ".bias" in sd:
+            put(rename(k) + ".bias", w(k + ".bias")[kh] * out_scale[:, 0])
+        ch = int_z[i].nonzero().flatten()  # kept MLP channels
+        for name in ("gate_proj", "up_proj"):
+            k = src + f"mlp.{name}"
+            if k + ".weight" in sd:
+                out[rename(k) + ".weight"] = sd[k + ".weight"][ch][:, kh].contiguous()
+                if k + ".bias" in sd:
+                    out[rename(k) + ".bias"] = sd[k + ".bias"][ch].contiguous()
+        k = src + "mlp.down_proj"
+        put(rename(k) + ".weight", w(k + ".weight")[kh][:, ch] * int_z[i][ch] * out_scale)
+        if k + ".bias" in sd:
+            put(rename(k) + ".bias", w(k + ".bias")[kh] * out_scale[:, 0])
+    norm("model.norm", "model.norm")
+    if not cfg.tie_word_embeddings:
+        # its input, the final norm, already carries hidden_z
+        out["lm_head.weight"] = sd["lm_head.weight"][:, kh].contiguous()
+    return new_cfg, out

@@ -297,7 +297,7 @@ def test_dynamic_reference_uses_sparsity_while_pruning():
     for step in range(1, 13):
         w.observe_train([1.0], [tok_per_step])
         s = 0.8 * min(1.0, step / 12) + 0.01
-        w.update(step, max_steps=max_steps, val_losses=[law(w.tokens[0], s)], expected_sparsity=s, target_sparsity=0.8)
+        w.update(step, max_steps=max_steps, val_losses=[law(w.tokens[0], s)], expected_sparsity=s, final_sparsity=0.8)
     assert np.isfinite(w.history[0][0][1])
     np.testing.assert_allclose(w.reference, [law(tok_per_step * max_steps, 0.8)], rtol=1e-4)
 
@@ -327,7 +327,7 @@ def test_state_round_trip(tmp_path):
             sums, counts, val, s = inputs[i - 1]
             w.observe_train(sums, counts)
             if i % 2 == 0:
-                w.update(i, max_steps=16, val_losses=val, expected_sparsity=s, target_sparsity=0.5)
+                w.update(i, max_steps=16, val_losses=val, expected_sparsity=s, final_sparsity=0.5)
 
     a = DomainWeighter(["x", "y"], [0.7, 0.3], "dro+dyall", [1.0, 2.0], **kw)
     feed(a, range(1, 11))

@@ -11,7 +11,7 @@ import transformers
 from conftest import make_hf
 
 import convert
-from l0 import HardConcrete, L0Module, TargetShape, prunable_params
+from l0 import HardConcrete, L0Module, TargetShape, mask_generator, prunable_params
 from model import ModelConfig, Transformer
 
 LLAMA2_7B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -47,8 +47,8 @@ def test_prunable_sizes_and_target_sparsity():
                 "370m": (308_281_344, 0.9523964)}
     for name, (size, sparsity) in expected.items():
         assert prunable_params(LLAMA2_7B, target(name)) == size
-        assert abs(L0Module(LLAMA2_7B, target(name)).target_sparsity_final - sparsity) < 1e-6
-    assert abs(L0Module(LLAMA2_13B, target("2.7b")).target_sparsity_final - 0.8) < 1e-12
+        assert abs(L0Module(LLAMA2_7B, target(name)).final_sparsity - sparsity) < 1e-6
+    assert abs(L0Module(LLAMA2_13B, target("2.7b")).final_sparsity - 0.8) < 1e-12
     # GQA: attention params counted from the real q/k/v/o shapes; one unit = one key/value group
     assert prunable_params(QWEN2_7B) == 6_525_288_448
 
@@ -59,7 +59,10 @@ def test_prunable_sizes_and_target_sparsity():
 def test_per_mask_target_sparsity(name, hidden, head, inter, layer):
     t = L0Module(LLAMA2_7B, target(name)).target_sparsity(10**9)
     for m, v in (("hidden", hidden), ("head", head), ("intermediate", inter), ("layer", layer)):
-        assert abs(t[m] - v) < 1e-6
+        if v == 0:  # the target keeps every unit: not pruned at all
+            assert m not in t
+        else:
+            assert abs(t[m] - v) < 1e-6
 
 
 def test_qwen2_targets():
@@ -68,18 +71,23 @@ def test_qwen2_targets():
     l0 = L0Module(QWEN2_7B, t, masks=("head", "intermediate", "hidden", "layer"))
     s = l0.target_sparsity(10**9)
     assert abs(s["head"] - 0.5) < 1e-6 and abs(s["intermediate"] - 0.5270270) < 1e-6
-    assert abs(s["hidden"] - 0.5714286) < 1e-6 and s["layer"] == 0
+    assert abs(s["hidden"] - 0.5714286) < 1e-6 and "layer" not in s  # 28 -> 28 layers: not pruned
     # the original logs 0.7998453 here because it takes head_dim = 1536 // 14 = 109; the real head_dim is 128
-    assert abs(l0.target_sparsity_final - (1 - 1536 * 28 * (16 * 128 * 2 + 3 * 8960) / 6_525_288_448)) < 1e-12
+    assert abs(l0.final_sparsity - (1 - 1536 * 28 * (16 * 128 * 2 + 3 * 8960) / 6_525_288_448)) < 1e-12
 
 
 def test_expected_sparsity_at_init():
-    l0 = L0Module(LLAMA2_7B, target("2.7b"))
+    s = 0.9979823  # every gate's P(z > 0) at init
+    l0 = L0Module(LLAMA2_7B, target("1.3b"))  # all four mask types pruned: 1 - s^3
     st = l0.stats(0)
     assert abs(st["expected_sparsity"] - 0.0060410) < 1e-6
     assert abs(st["expected_num_params"] / 6_436_884_109 - 1) < 1e-6  # float32 sums over 11008-wide rows
     for m in ("layer", "head", "intermediate", "hidden"):
         assert abs(st[f"expected_{m}_sparsity"] - 0.0020177) < 1e-6
+    # 2.7b keeps all 32 layers: the layer mask is not pruned and counts as 1, so 1 - s^2
+    st = L0Module(LLAMA2_7B, target("2.7b")).stats(0)
+    assert abs(st["expected_sparsity"] - (1 - s**2)) < 1e-6 and "expected_layer_sparsity" not in st
+    assert abs(st["final_sparsity"] - 0.6081606) < 1e-6 and st["target_sparsity"] == st["final_sparsity"]
 
 
 def test_schedule_warmup():
@@ -105,7 +113,7 @@ def test_deterministic_masks_exact_and_tie_break():
     with torch.no_grad():
         for z in l0.z.values():
             z.log_alpha.normal_()
-    masks = l0.eval()()
+    masks = l0.deterministic_masks()
     assert set(torch.cat([m.flatten() for m in masks.values()]).tolist()) == {0.0, 1.0}
     assert masks["layer_z"].sum() == 3 and masks["hidden_z"].sum() == 20
     assert (masks["head_z"].sum(-1) == 2).all() and (masks["intermediate_z"].sum(-1) == 7).all()
@@ -118,8 +126,8 @@ def test_deterministic_masks_exact_and_tie_break():
 
 def test_samples_in_range_and_reproducible():
     hc = HardConcrete((1000,), init_log_alpha=0.0)
-    a = hc.sample(torch.Generator().manual_seed(1))
-    b = hc.sample(torch.Generator().manual_seed(1))
+    a = hc.sample(torch.rand(1000, generator=torch.Generator().manual_seed(1)))
+    b = hc.sample(torch.rand(1000, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(a, b) and a.min() == 0 and a.max() == 1  # exact zeros and ones occur (the stretch)
     assert abs(float((a > 0).float().mean()) - float(hc.prob_nonzero().detach()[0])) < 0.05
 
@@ -226,7 +234,7 @@ def test_masked_equals_pruned_equals_hf(family, seed, tmp_path):
     with torch.no_grad():
         for z in l0.z.values():
             z.log_alpha.copy_(torch.randn(z.log_alpha.shape, generator=g))
-    masks = l0()
+    masks = l0.deterministic_masks()
     idx = torch.randint(0, model.config.vocab_size, (2, 13), generator=g)
     small = model.prune(masks)
     assert [getattr(small.config, k) for k in t.__dataclass_fields__] == list(vars(t).values())
