@@ -212,6 +212,21 @@ def apply_z(x, z):
     return x if z is None else x * z.to(x.device, x.dtype)
 
 
+def masked_linear(lin: nn.Linear, x, out_z=None, in_z=None):
+    """lin(x) with its output units scaled by out_z (out,) or a scalar and its input units by in_z (in,), both folded
+    into the weight (and the bias) on the fly, which is exactly what compaction does once: the cost is O(weight),
+    independent of the number of tokens, and the masked model and the compacted one share one code path."""
+    if out_z is None and in_z is None:
+        return lin(x)
+    w, b = lin.weight, lin.bias
+    if out_z is not None:
+        w = w * out_z.reshape(-1, 1).to(w.dtype)
+        b = None if b is None else b * out_z.to(b.dtype)
+    if in_z is not None:
+        w = w * in_z.reshape(1, -1).to(w.dtype)
+    return F.linear(x, w, b)
+
+
 class Norm(nn.Module):
     """RMSNorm (llama, qwen2) or LayerNorm with bias (gpt_neox), statistics in fp32 as Hugging Face computes them.
 
@@ -253,18 +268,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, nkv * hs, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hs, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, head_z=None):
+    def forward(self, x, cos, sin, head_z=None, out_z=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if head_z is not None:
-            # one unit per key/value group. Attention is linear in v (bias included), so scaling the group's values
-            # scales the outputs of all its query heads: exact, and nh/nkv times cheaper than masking the output
-            v = apply_z(v, head_z[:, None, None])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)
+        # one unit per key/value group: query head h belongs to group h // (nh // nkv), as in HF repeat_kv; head_z
+        # scales each head's output, i.e. o_proj's input columns
+        head_cols = None if head_z is None else head_z.repeat_interleave(self.nh // self.nkv * self.hs)
+        return masked_linear(self.o_proj, y, out_z, head_cols)
 
 
 class MLP(nn.Module):
@@ -278,16 +293,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, d, bias=cfg.mlp_bias)
         self.act = ACT[cfg.hidden_act]
 
-    def forward(self, x, intermediate_z=None):
+    def forward(self, x, intermediate_z=None, out_z=None):
         h = self.act(self.up_proj(x)) if self.gate_proj is None else self.act(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(apply_z(h, intermediate_z))  # (B, T, I) masked per channel
+        return masked_linear(self.down_proj, h, out_z, intermediate_z)  # h (B, T, I) masked per channel
 
 
 class Block(nn.Module):
     r"""
-    sequential:  x = x + out_z * attn(ln1(x));  x = x + out_z * mlp(ln2(x))
-    parallel:    x = x + out_z * attn(ln1(x)) + out_z * mlp(ln2(x))          (GPT-NeoX use_parallel_residual)
-    where out_z = layer_z * hidden_z, formed once per layer by the caller.
+    sequential:  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
+    parallel:    x = x + attn(ln1(x)) + mlp(ln2(x))          (GPT-NeoX use_parallel_residual)
+    Masked, each sublayer's output is scaled by out_z = layer_z * hidden_z (formed once per layer by the caller),
+    folded into o_proj and down_proj together with head_z and intermediate_z.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -300,12 +316,11 @@ class Block(nn.Module):
         self.parallel = cfg.use_parallel_residual
 
     def forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None):
-        a = apply_z(self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z), out_z)
+        a = self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z, out_z)
         if self.parallel:
-            m = self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z)
-            return x + a + apply_z(m, out_z)
+            return x + a + self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z, out_z)
         x = x + a
-        return x + apply_z(self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z), out_z)
+        return x + self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z, out_z)
 
 
 # -----------------------------------------------------------------------------
@@ -324,10 +339,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk: int):
-        loss = torch.empty(len(h), device=h.device, dtype=torch.float32)
+        dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 (fp64 for gradcheck)
+        loss = torch.empty(len(h), device=h.device, dtype=dtype)
         lse = torch.empty_like(loss)
         for i in range(0, len(h), chunk):
-            logits = (h[i:i + chunk] @ weight.T).float()  # (c, V)
+            logits = (h[i:i + chunk] @ weight.T).to(dtype)  # (c, V)
             t = targets[i:i + chunk]
             lse[i:i + chunk] = torch.logsumexp(logits, -1)
             picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
@@ -342,7 +358,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh, dw = torch.empty_like(h), torch.zeros_like(weight)
         for i in range(0, len(h), ctx.chunk):
             hc, t = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
-            g = torch.exp((hc @ weight.T).float() - lse[i:i + ctx.chunk, None])  # softmax (c, V)
+            g = torch.exp((hc @ weight.T).to(lse.dtype) - lse[i:i + ctx.chunk, None])  # softmax (c, V)
             g.scatter_add_(-1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
             g = (g * torch.where(t != -100, grad[i:i + ctx.chunk], 0.0)[:, None]).to(h.dtype)  # dloss/dlogits
             dh[i:i + ctx.chunk] = g @ weight

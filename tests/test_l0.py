@@ -12,7 +12,7 @@ from conftest import make_hf
 
 import convert
 from l0 import HardConcrete, L0Module, TargetShape, mask_generator, prunable_params
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, prune_state_dict
 
 LLAMA2_7B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                         num_hidden_layers=32, num_attention_heads=32)
@@ -175,6 +175,93 @@ def test_lambda_gradient_is_reversed():
     assert l0.lambdas["lambda_1_hidden"].grad > 0  # the optimizer's descent step moves lambda_1 down
 
 
+def _drive(l0, steps, lr=0.05):
+    """Run the Lagrangian alone (no data loss) for `steps` Adam steps; return the largest |lambda| seen."""
+    opt = torch.optim.Adam([{"params": [z.log_alpha for z in l0.z.values()], "lr": lr},
+                            {"params": list(l0.lambdas.values()), "lr": lr}])
+    biggest = 0.0
+    for step in range(steps):
+        opt.zero_grad()
+        l0.lagrangian(step).backward()
+        opt.step()
+        l0.constrain_()
+        biggest = max(biggest, max(abs(float(v.detach())) for v in l0.lambdas.values()))
+    return biggest
+
+
+def test_expected_masks_follow_the_current_size():
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4)
+    t = TargetShape(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48)
+    l0 = L0Module(cfg, t, warmup_steps=100).eval()
+    masks = l0()  # eval mode: the expected-size masks, binary
+    assert masks.keys() == l0.deterministic_masks().keys()
+    for m in l0.names:  # at init P(z > 0) = 0.998: (almost) every unit is kept
+        z, n = masks[f"{m}_z"], l0.z[m].log_alpha.shape[-1]
+        assert set(z.unique().tolist()) <= {0.0, 1.0}
+        assert (z.sum(-1) >= n - math.ceil(0.003 * n)).all(), m
+        torch.testing.assert_close(z.sum(-1), (l0.z[m].prob_nonzero().sum(-1)).round().detach())
+    # the count per row follows the gates, the units kept are the largest log_alpha
+    with torch.no_grad():
+        l0.z["intermediate"].log_alpha[0, :100] = -4.0
+        l0.z["intermediate"].log_alpha[0, 100] = 3.0
+    z = l0.expected_masks()["intermediate_z"]
+    assert z[0, :100].sum() < 20 and z[0, 100:].all() and z[1:].sum(-1).eq(128).all()
+    l0.train()
+    _drive(l0, 600)  # once the Lagrangian has driven the gates to the target, they are the deterministic masks
+    exp, det = l0.expected_masks(), l0.deterministic_masks()
+    for k in det:
+        assert torch.equal(exp[k], det[k]), k
+
+
+def test_mask_type_kept_whole_is_not_pruned_and_lambdas_stay_bounded():
+    # LLaMA-2-7B -> 2.7b keeps all 32 layers; here 6 -> 6. A layer mask would have lambda_1 growing forever.
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                      num_attention_heads=8, num_key_value_heads=4)
+    t = TargetShape(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48)
+    l0 = L0Module(cfg, t, warmup_steps=100)
+    assert l0.names == ["head", "intermediate", "hidden"] and "layer" not in l0.z
+    assert not any("layer" in k for k in l0.lambdas) and "layer_z" not in l0.eval()()
+    l0.train()
+    assert _drive(l0, 2000) < 20  # every lambda settles once its gap closes
+    st = l0.stats(2000)
+    assert abs(st["expected_sparsity"] - st["final_sparsity"]) < 0.03
+    with pytest.raises(ValueError, match="nothing to prune"):
+        L0Module(cfg, TargetShape.of(cfg))
+
+
+def test_masks_per_micro_batch_are_keyed_by_seed_step_row():
+    cfg = ModelConfig(vocab_size=10, hidden_size=32, intermediate_size=24, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4)
+    t = TargetShape(hidden_size=16, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=7)
+    l0 = L0Module(cfg, t)
+    with torch.no_grad():
+        for z in l0.z.values():
+            z.log_alpha.fill_(0.0)  # fractional samples
+    a, b = l0(mask_generator(1, 5, 8)), l0(mask_generator(1, 5, 8))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same key, the same masks, on any rank
+    for key in ((1, 5, 9), (1, 6, 8), (2, 5, 8)):  # another row, step or seed: other masks
+        c = l0(mask_generator(*key))
+        assert not torch.equal(a["intermediate_z"], c["intermediate_z"]), key
+    # all masks' noise is one draw of the generator, split in mask order
+    u = torch.rand(sum(z.log_alpha.numel() for z in l0.z.values()), generator=mask_generator(1, 5, 8))
+    u = u.split([z.log_alpha.numel() for z in l0.z.values()])
+    for m, um in zip(l0.names, u):
+        assert torch.equal(a[f"{m}_z"], l0.z[m].sample(um.view_as(l0.z[m].log_alpha)))
+    l0.all_reduce_grads_()  # one process: a no-op
+
+
+def test_l0_refuses_reduced_precision():
+    l0 = L0Module(LLAMA2_7B, target("1.3b")).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="keep it in float32"):
+        l0(torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="keep it in float32"):
+        l0.lagrangian(0)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(hidden_size=5000), "hidden_size=5000 must be"),
     (dict(num_attention_heads=12, num_key_value_heads=5), "must be num_key_value_heads x 2"),
@@ -247,6 +334,43 @@ def test_masked_equals_pruned_equals_hf(family, seed, tmp_path):
         torch.testing.assert_close(hf.eval()(idx).logits, masked, atol=1e-5, rtol=1e-5)
     assert small.num_params() < model.num_params()
     assert small.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "qwen2", "neox_parallel", "neox_sequential"])
+def test_masked_equals_pruned_in_bf16(family, tmp_path):
+    """Binary masks in bf16: the masked model and the compacted one compute bit-identical logits (norms apply
+    weight and bias at the same precision on both paths)."""
+    make_hf(family, tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path)).eval()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    nkv = max(1, cfg.num_key_value_heads // 2)
+    nh = nkv * (cfg.num_attention_heads // cfg.num_key_value_heads)
+    d = nh * cfg.head_dim if cfg.neox else cfg.hidden_size // 2 // nh * nh
+    t = TargetShape(hidden_size=d, num_hidden_layers=cfg.num_hidden_layers - 1, num_attention_heads=nh,
+                    num_key_value_heads=nkv, intermediate_size=cfg.intermediate_size // 2)
+    l0 = L0Module(cfg, t)
+    with torch.no_grad():
+        for z in l0.z.values():
+            z.log_alpha.copy_(torch.randn(z.log_alpha.shape, generator=g))
+    masks = l0.deterministic_masks()
+    small = model.prune(masks).to(torch.bfloat16)
+    model = model.to(torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    with torch.no_grad():
+        assert torch.equal(model(idx, masks=masks), small(idx))
+
+
+def test_prune_state_dict_keeps_dtypes(tmp_path):
+    make_hf("qwen2_untied", tmp_path)
+    model = Transformer.from_pretrained(str(tmp_path))
+    cfg = model.config
+    masks = {"head_z": torch.tensor([[1.0, 0, 1]] * 3), "intermediate_z": (torch.arange(64) % 2).float().repeat(3, 1)}
+    sd = {k: v.to(torch.bfloat16) if "mlp" in k else v for k, v in model.state_dict().items()}
+    new_cfg, out = prune_state_dict(cfg, sd, masks)
+    assert new_cfg.num_key_value_heads == 2 and new_cfg.intermediate_size == 32
+    assert all(out[k].dtype == (torch.bfloat16 if "mlp" in k else torch.float32) for k in out)
+    assert out.keys() == Transformer.prune(model, masks).state_dict().keys()
 
 
 @pytest.mark.parametrize("family", ["llama_bias", "qwen2_untied", "neox_sequential"])

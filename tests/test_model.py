@@ -265,3 +265,36 @@ def test_gguf(family, tmp_path):
     write_gguf(hf, tmp_path / "l31.gguf", extra_tensors=[("rope_freqs.weight", np.ones(hd // 2, np.float32))])
     with pytest.raises(convert.ConvertError, match="rope_freqs"):
         convert.load_hf(str(tmp_path / "l31.gguf"))
+
+
+def test_chunked_cross_entropy_matches_full_logits(monkeypatch, tmp_path):
+    """Above model.LOGITS_CHUNK logits, the loss is computed a chunk of tokens at a time (LinearCrossEntropy):
+    the same per-token losses and the same gradients as the full (tokens, vocab) logits."""
+    import model as model_py
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,), generator=g)
+    t[[0, 5, 36]] = -100
+    assert torch.autograd.gradcheck(lambda h, w: model_py.LinearCrossEntropy.apply(h, w, t, 8), (h, w))
+
+    hf = make_hf("qwen2_untied", tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path))
+    idx = tokens(hf.config.vocab_size, B=3, T=21)
+    x, y = idx[:, :-1], idx[:, 1:].clone()
+    y[1, :4] = -100
+    masks = {"hidden_z": (torch.arange(48) % 5 != 0).float(), "intermediate_z": torch.rand(3, 64, generator=g)}
+
+    def run():
+        ours.zero_grad()
+        tok = ours(x, y, masks=masks, reduction="none")
+        (tok * torch.linspace(0.5, 2, tok.numel()).view_as(tok)).sum().backward()  # uneven per-token weights
+        return tok.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    full, full_grads = run()
+    monkeypatch.setattr(model_py, "LOGITS_CHUNK", 7 * hf.config.vocab_size)  # chunks of 7 tokens, the last one short
+    chunked, chunked_grads = run()
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+    assert chunked[1, :4].eq(0).all()
+    for n in full_grads:
+        torch.testing.assert_close(chunked_grads[n], full_grads[n], atol=1e-6, rtol=1e-5, msg=n)
