@@ -403,6 +403,16 @@ def test_sampler_no_reuse_within_epoch(tmp_path, caplog):
     assert "domain 'd0': all 40 windows" in caplog.text and "starting epoch 1" in caplog.text
 
 
+def test_sampler_permutation_is_int32_and_unchanged(tmp_path):
+    """Windows are permuted as int32 (half the memory of int64) in the same order as permutation(n) gives."""
+    bins = DomainBins(make_bins(tmp_path, [4001, 1001]))
+    s = MixtureSampler(bins, 10, 8, seed=5)
+    s.next([0.5, 0.5])
+    for d, n in enumerate(s.windows):
+        assert s._perm[d].dtype == np.int32
+        np.testing.assert_array_equal(s._perm[d], np.random.default_rng([5, 1, d, 0]).permutation(n))
+
+
 def test_sampler_resume_is_exact(tmp_path):
     bins = DomainBins(make_bins(tmp_path, [801, 5000, 2000]))
     props = lambda i: np.roll([0.6, 0.3, 0.1], i % 3)  # noqa: E731  (changes every step)

@@ -201,6 +201,23 @@ def test_dro_edge_cases():
         solve_chi2_ball(e, [0.5, -0.1, 0.6], 0.1)
 
 
+def test_infinite_loss_is_the_worst_domain():
+    """A diverged (+inf) loss is not 'unmeasured' (NaN): it is the limit of an ever larger excess."""
+    p = np.array([0.4, 0.2, 0.25, 0.15])
+    e = np.array([0.3, np.inf, -0.1, 0.05])
+    q = solve_chi2_ball(e, p, 0.1, 0.2)
+    assert q.argmax() == 1 and q[1] > p[1]
+    np.testing.assert_allclose(q, solve_chi2_ball(np.where(np.isinf(e), 1e9, e), p, 0.1, 0.2), atol=1e-6)
+    assert abs(chi2_divergence(q, p) - 0.1) < 1e-9  # on the sphere, as any binding solution
+    qs = dro.sheared_update(p, [1.0, np.inf, 1.0, np.nan], [1.0, 1.0, 1.0, 1.0])
+    assert qs[1] > 0.999 and abs(qs.sum() - 1) < 1e-12
+    w = DomainWeighter(["a", "b", "c"], [0.5, 0.3, 0.2], "dro", reference_loss=[1.0, 1.0, 1.0])
+    w.observe_train([1.2, 1.1, np.inf], [10, 10, 10])  # a training-loss sum that overflowed
+    assert w.train_ema[2] == np.inf
+    q = np.array(w.update(1)) / [0.5, 0.3, 0.2]
+    assert np.argmax(q) == 2 and q[2] > 1.5  # the most up-weighted domain, not left at its share
+
+
 # -----------------------------------------------------------------------------
 # the weighter
 
