@@ -494,54 +494,40 @@ def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConf
     hs, z_h = cfg.head_dim, hid_z[kh]
     out = {}
 
-    def put(key, value):  # computed in fp32, stored in the source tensor's dtype
-        out[key] = value.to(sd[key].dtype).contiguous()
+    def put(dst, src, f):  # out[dst] = f(sd[src]), computed in fp32, stored in the source tensor's dtype
+        if src in sd:
+            out[dst] = f(sd[src].float()).to(sd[src].dtype).contiguous()
 
-    def w(key):
-        return sd[key].float()
-
-    put("model.embed_tokens.weight", w("model.embed_tokens.weight")[:, kh] * z_h)
-
-    def norm(src, dst):  # the masked norm multiplies its output by hidden_z: fold it into weight and bias
-        put(dst + ".weight", w(src + ".weight")[kh] * z_h)
-        if src + ".bias" in sd:
-            put(dst + ".bias", w(src + ".bias")[kh] * z_h)
-
+    put("model.embed_tokens.weight", "model.embed_tokens.weight", lambda w: w[:, kh] * z_h)
     for j, i in enumerate(layers):
         src, dst = f"model.layers.{i}.", f"model.layers.{j}."
-        rename = lambda k: k.replace(src, dst, 1)
-        norm(src + "input_layernorm", dst + "input_layernorm")
-        norm(src + "post_attention_layernorm", dst + "post_attention_layernorm")
+        for name in ("input_layernorm", "post_attention_layernorm"):  # the masked norm multiplies by hidden_z
+            for p in (".weight", ".bias"):
+                put(dst + name + p, src + name + p, lambda w: w[kh] * z_h)
         kv = head_z[i].nonzero().flatten()  # kept key/value groups
         ar = torch.arange(hs, device=dev)
         kv_rows = (kv[:, None] * hs + ar).flatten()
         q_heads = (kv[:, None] * group + torch.arange(group, device=dev)).flatten()
         q_rows = (q_heads[:, None] * hs + ar).flatten()
         for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            k = src + f"self_attn.{name}"
-            out[rename(k) + ".weight"] = sd[k + ".weight"][r][:, kh].contiguous()
-            if k + ".bias" in sd:
-                out[rename(k) + ".bias"] = sd[k + ".bias"][r].contiguous()
+            k = f"self_attn.{name}"
+            put(dst + k + ".weight", src + k + ".weight", lambda w: w[r][:, kh])
+            put(dst + k + ".bias", src + k + ".bias", lambda w: w[r])
         # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
         out_scale = (layer_z[i] * z_h)[:, None]
         col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
-        k = src + "self_attn.o_proj"
-        put(rename(k) + ".weight", w(k + ".weight")[kh][:, q_rows] * col_scale * out_scale)
-        if k + ".bias" in sd:
-            put(rename(k) + ".bias", w(k + ".bias")[kh] * out_scale[:, 0])
+        k = "self_attn.o_proj"
+        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, q_rows] * col_scale * out_scale)
+        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
         ch = int_z[i].nonzero().flatten()  # kept MLP channels
-        for name in ("gate_proj", "up_proj"):
-            k = src + f"mlp.{name}"
-            if k + ".weight" in sd:
-                out[rename(k) + ".weight"] = sd[k + ".weight"][ch][:, kh].contiguous()
-                if k + ".bias" in sd:
-                    out[rename(k) + ".bias"] = sd[k + ".bias"][ch].contiguous()
-        k = src + "mlp.down_proj"
-        put(rename(k) + ".weight", w(k + ".weight")[kh][:, ch] * int_z[i][ch] * out_scale)
-        if k + ".bias" in sd:
-            put(rename(k) + ".bias", w(k + ".bias")[kh] * out_scale[:, 0])
-    norm("model.norm", "model.norm")
-    if not cfg.tie_word_embeddings:
-        # its input, the final norm, already carries hidden_z
-        out["lm_head.weight"] = sd["lm_head.weight"][:, kh].contiguous()
+        for k in ("mlp.gate_proj", "mlp.up_proj"):  # gate_proj: none in GPT-NeoX
+            put(dst + k + ".weight", src + k + ".weight", lambda w: w[ch][:, kh])
+            put(dst + k + ".bias", src + k + ".bias", lambda w: w[ch])
+        k = "mlp.down_proj"
+        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, ch] * int_z[i][ch] * out_scale)
+        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
+    for p in (".weight", ".bias"):
+        put("model.norm" + p, "model.norm" + p, lambda w: w[kh] * z_h)
+    if not cfg.tie_word_embeddings:  # its input, the final norm, already carries hidden_z
+        put("lm_head.weight", "lm_head.weight", lambda w: w[:, kh])
     return new_cfg, out
