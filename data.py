@@ -19,8 +19,8 @@ sampling: one seeded uniform u per step, row i goes to the domain whose cumulati
 (u + i) / B. Each domain then gets floor(B*p) or ceil(B*p) rows and exactly B*p on average: unbiased like a
 multinomial draw (so a domain with B*p < 1 still gets its share over steps, unlike plain rounding), but
 without the multinomial's +-sqrt(B*p) noise, which would otherwise blur the mixture the domain weighter
-asked for. Within a domain, windows come from a seeded permutation per epoch and are not reused before it is
-exhausted; then a new epoch starts (a warning is logged and the domain's epoch counter increases).
+asked for. Within a domain, windows come from a seeded permutation per epoch (int32, 4 bytes per window) and are not
+reused before it is exhausted; then a new epoch starts (a warning is logged and the domain's epoch counter increases).
 """
 
 import json

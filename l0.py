@@ -8,7 +8,7 @@ the Lagrangian that drives them to an exact target shape (Sheared-LLaMA's target
     l0 = L0Module(model.config, target, warmup_steps=640)     # fp32, replicated beside the (sharded) model
     for row in range(first_row, last_row, micro_batch_size):  # this rank's micro-batches of the global batch
         masks = l0(mask_generator(seed, step, row))           # one sample per micro-batch
-        (model(x, y, masks=masks) ...).backward()
+        (model(x, y, masks=masks, reduction="none").sum() / n_tokens).backward()
     l0.lagrangian(step).backward()                            # lambdas are *maximised* (gradient reversal)
     l0.all_reduce_grads_(); opt.step(); l0.constrain_()
     l0.eval(); masks = l0()                                   # evaluation while pruning: the expected size
