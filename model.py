@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 SUPPORTED = ("llama", "qwen2", "gpt_neox")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
@@ -314,8 +315,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = Norm(cfg.hidden_size, eps, bias=cfg.neox)
         self.mlp = MLP(cfg)
         self.parallel = cfg.use_parallel_residual
+        self.checkpoint = False  # activation checkpointing: recompute this block in the backward
 
-    def forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None):
+    def forward(self, *args, **kwargs):
+        if self.checkpoint and torch.is_grad_enabled():
+            # inside the block's forward, so FSDP2's hooks on the block stay outside the recomputed region
+            return torch.utils.checkpoint.checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None):
         a = self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z, out_z)
         if self.parallel:
             return x + a + self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z, out_z)

@@ -1,0 +1,869 @@
+"""
+Prune a pretrained model to a target shape while a domain weighter schedules the data, compact it, and continue
+pretraining the smaller model: one loop, one process or many, resumable at any step.
+
+    python train.py config/tiny.py --out_dir=out/tiny                          # one process (CPU, or one GPU)
+    torchrun --standalone --nproc_per_node=8 train.py config/prune_llama2.py    # one node, FSDP2
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        train.py config/prune_llama2.py                                        # on every node (shared out_dir)
+
+A config file is plain Python assignments to TrainConfig fields; `--key=value` overrides them. Running the same
+command again resumes an unfinished out_dir from its latest checkpoint (exactly: same batches, masks, weights).
+
+Stages. `prune` (prune_steps) trains the weights, the hard-concrete gates (log_alpha) and the Lagrange multipliers
+(lambda, maximised) with the target-sparsity warm-up, one mask sample per micro-batch, and evaluation with masks
+of the current expected size. Then the deterministic masks compact the model (gather -> prune_state_dict ->
+re-shard), it is exported to out_dir/pruned/, and `cpt` (cpt_steps) continues pretraining the compact model with
+its own optimizer, schedule, batch and a fresh domain weighter. Either stage may be 0 steps.
+
+The loss is the mean over all target tokens of the global batch (independent of world size and accumulation).
+Per-domain sums of the per-token training losses feed the weighter every step; per-domain validation losses feed
+its update every eval_interval; every rank computes the same proportions, rank 0's are broadcast anyway.
+
+Outputs in out_dir: config.json (resolved config), metrics.jsonl, plots/*.png, checkpoints/ (the last
+keep_checkpoints; model and optimizer sharded with torch.distributed.checkpoint), pruned/ and hf/ (Hugging Face
+directories), masks.pt (final masks, log_alpha and lambdas), done.json once finished.
+"""
+
+import ast
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import convert
+import dro
+from data import DomainBins, MixtureSampler
+from l0 import L0Module, TargetShape, mask_generator
+from model import ModelConfig, Transformer, prune_state_dict
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    init_from: str = "models/smollm2-135m"  # HF dir, cached hub id, .gguf, or an earlier run's out_dir (its hf/)
+    data_dir: str = "data/demo"  # written by prepare.py
+    out_dir: str = "out/run"
+    overwrite: bool = False  # start over in an out_dir that holds a run with another config
+    seed: int = 1337
+    # target shape for pruning; 0 keeps the source's (query heads follow from the source's group size)
+    target_hidden_size: int = 0
+    target_num_hidden_layers: int = 0
+    target_num_key_value_heads: int = 0
+    target_intermediate_size: int = 0
+    # domain weighting (dro.parse_method): constant | sheared | bandit | dro[+eval][+dy][+dyall]
+    domain_weighting: str = "dro+eval"
+    domain_proportions: list | None = None  # initial mixture, in the data's domain order; None: by token counts
+    reference_loss: list | None = None  # per domain; None: unknown (only with +dy, fitted during training)
+    rho: float = 0.1  # radius of the chi^2 ball
+    min_prob: float = 0.2  # every domain keeps >= min_prob x its reference share
+    # pruning stage
+    prune_steps: int = 3200
+    prune_batch_size: int = 32  # sequences per optimizer step, over all ranks
+    prune_micro_batch_size: int = 1  # sequences per forward on one rank
+    prune_seq_len: int = 4096
+    prune_lr: float = 1e-4
+    prune_warmup: float = 0.1  # fraction of the stage's steps with a linear learning-rate warm-up
+    lag_lr: float = 1.0  # learning rate of log_alpha and lambda (lambda ascends through gradient reversal)
+    lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
+    # continued-pretraining stage
+    cpt_steps: int = 0
+    cpt_batch_size: int = 256
+    cpt_micro_batch_size: int = 2
+    cpt_seq_len: int = 4096
+    cpt_lr: float = 1e-4
+    cpt_warmup: float = 0.03
+    # optimizer (AdamW; warm-up, then cosine decay to min_lr_ratio x lr)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global norm over the model's gradients; 0 = off
+    # evaluation, logging, checkpoints
+    eval_interval: int = 50
+    eval_batches: int = 8  # per domain
+    eval_batch_size: int = 8  # sequences per eval batch, over all ranks
+    log_interval: int = 10
+    save_interval: int = 400
+    keep_checkpoints: int = 2
+    stop_at: int = 0  # stop (with a checkpoint) once the run reaches this step, e.g. a job's time limit; 0 = never
+    export_dtype: str = "float32"  # of pruned/ and hf/: float32 | bfloat16
+    wandb_project: str = ""  # log to Weights & Biases too (if installed)
+    # system
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block
+
+
+# fields that may change between the run that wrote out_dir and the one resuming it
+RESUMABLE = {"overwrite", "log_interval", "save_interval", "keep_checkpoints", "stop_at", "wandb_project", "compile",
+             "activation_checkpointing"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class StopRun(Exception):
+    """stop_at reached: the run is checkpointed and resumes when started again."""
+
+
+def _coerce(name: str, value, typ: str, from_cli: bool):
+    """A config value as the field's type; CLI values arrive as strings."""
+    if from_cli and isinstance(value, str):
+        if typ == "bool":
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ConfigError(f"--{name}={value}: expected true or false")
+            return value.lower() in ("1", "true", "yes")
+        if typ in ("int", "float"):
+            try:
+                return int(value) if typ == "int" else float(value)
+            except ValueError:
+                raise ConfigError(f"--{name}={value}: expected a number ({typ})") from None
+        if typ.startswith("list"):
+            if value.lower() in ("", "none"):
+                return None
+            try:
+                value = ast.literal_eval(value if value.lstrip().startswith("[") else f"[{value}]")
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"--{name}={value}: expected comma-separated numbers") from None
+    if typ == "bool" and isinstance(value, bool) or typ == "str" and isinstance(value, str):
+        return value
+    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ.startswith("list") and (value is None or isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        return None if value is None else [float(v) for v in value]
+    raise ConfigError(f"{name}={value!r}: expected {typ}")
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """python train.py [config/x.py] [--key=value ...] -> a validated TrainConfig."""
+    types = {f.name: str(f.type).replace("<class '", "").replace("'>", "").replace(" | None", "") for f in
+             fields(TrainConfig)}
+
+    def check(name):
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            raise ConfigError(f"unknown config key {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, val = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: write --key=value")
+            check(key)
+            values[key] = _coerce(key, val, types[key], from_cli=True)
+        else:
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} not found")
+            scope = {}
+            try:
+                exec(compile(open(arg).read(), arg, "exec"), {}, scope)
+            except Exception as e:
+                raise ConfigError(f"{arg}: {type(e).__name__}: {e}") from None
+            for key, val in scope.items():
+                if key.startswith("_") or callable(val) or type(val).__name__ == "module":
+                    continue
+                check(key)
+                values[key] = _coerce(key, val, types[key], from_cli=False)
+    cfg = TrainConfig(**values)
+    for name in ("prune_steps", "cpt_steps", "eval_batches", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
+    for name in ("prune_batch_size", "prune_micro_batch_size", "prune_seq_len", "cpt_batch_size",
+                 "cpt_micro_batch_size", "cpt_seq_len", "eval_interval", "eval_batch_size", "log_interval",
+                 "save_interval"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.prune_steps == cfg.cpt_steps == 0:
+        raise ConfigError("prune_steps and cpt_steps are both 0: nothing to do")
+    try:
+        dro.parse_method(cfg.domain_weighting)
+    except ValueError as e:
+        raise ConfigError(f"domain_weighting: {e}") from None
+    for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
+                          ("export_dtype", ("float32", "bfloat16"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# distributed setup, model building, state dicts
+
+def setup_distributed(cfg: TrainConfig):
+    """(rank, world, device): torchrun's environment -> a process group (NCCL on GPU, gloo on CPU)."""
+    use_cuda = cfg.device == "cuda" or cfg.device == "auto" and torch.cuda.is_available()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no GPU is visible; use device=cpu")
+    if "RANK" in os.environ:
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
+    return rank, world, device
+
+
+def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        # on CPUs without native bf16 (AVX2 only), bf16 matmuls are many times slower than fp32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, world: int) -> torch.nn.Module:
+    """The model on `device`, from the full fp32 state dict `sd` that only rank 0 holds (None elsewhere). With
+    several ranks: meta-device init, FSDP2 per block and root (bf16 mixed precision on GPU), then each rank receives
+    its shards from rank 0, so no rank but 0 ever holds the whole model."""
+    with torch.device("meta"):
+        model = Transformer(mcfg)
+    for block in model.model.layers:
+        block.checkpoint = cfg.activation_checkpointing
+        if cfg.compile:
+            block.compile()
+    if world == 1:
+        model.to_empty(device=device)
+        if mcfg.tie_word_embeddings:  # to_empty made two tensors of the shared one
+            model.lm_head.weight = model.model.embed_tokens.weight
+            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+        model.load_state_dict(sd)
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    if mcfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    set_model_state_dict(model, sd if dist.get_rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on the CPU in rank 0 (an empty dict elsewhere); a collective with several ranks."""
+    if not dist.is_initialized():
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def resolve_init(path: str) -> str:
+    """init_from as a model source: an earlier run directory stands for its final export (hf/)."""
+    if os.path.isfile(os.path.join(path, "done.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        if not os.path.isfile(os.path.join(path, "hf", "config.json")):
+            raise ConfigError(f"init_from={path} is a run directory without a final model (hf/); finish that run "
+                              "or export one of its checkpoints with convert.py to-hf")
+        return os.path.join(path, "hf")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/checkpoints/<k>-<stage>-<step>/ {dcp shards, state.pt}, written aside then renamed
+
+STAGES = ("prune", "cpt")
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"{STAGES.index(stage)}-{stage}-{step:08d}"
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if not d.startswith(".") and
+                  os.path.isfile(os.path.join(root, d, "state.pt")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(out_dir, keep, rank, model, opt, state: dict):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    root = os.path.join(out_dir, "checkpoints")
+    name = checkpoint_name(state["stage"], state["step"])
+    tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    barrier()
+    if rank == 0:
+        torch.save(state, os.path.join(tmp, "state.pt"))  # written last: its presence marks a complete checkpoint
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        done = sorted(d for d in os.listdir(root) if not d.startswith("."))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint_weights(path, model, opt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# the stage loop
+
+@dataclass
+class Stage:
+    name: str  # prune | cpt
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    seq_len: int
+    lr: float
+    warmup: float
+
+
+def stages_of(cfg: TrainConfig) -> list[Stage]:
+    out = []
+    for name in STAGES:
+        steps = getattr(cfg, f"{name}_steps")
+        if steps:
+            out.append(Stage(name, steps, getattr(cfg, f"{name}_batch_size"), getattr(cfg, f"{name}_micro_batch_size"),
+                             getattr(cfg, f"{name}_seq_len"), getattr(cfg, f"{name}_lr"), getattr(cfg, f"{name}_warmup")))
+    return out
+
+
+def lr_factor(step: int, stage: Stage, min_ratio: float) -> float:
+    """Linear warm-up over warmup x steps, then cosine decay to min_ratio (of every group's peak)."""
+    warm = int(stage.warmup * stage.steps)
+    if step < warm:
+        return (step + 1) / warm
+    frac = (step - warm) / max(1, stage.steps - warm)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+class Run:
+    """Everything one process needs across stages: config, data, model, L0, optimizers, weighter, logging."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg)
+        self.master = self.rank == 0
+        self.dtype = compute_dtype(cfg, self.device)
+        self.bins = DomainBins(cfg.data_dir)
+        self.domains = self.bins.domains
+        D = len(self.domains)
+        p = cfg.domain_proportions
+        if p is None:  # by training tokens
+            p = [len(t) for t in self.bins.train]
+        if len(p) != D or (cfg.reference_loss is not None and len(cfg.reference_loss) != D):
+            raise ConfigError(f"domain_proportions and reference_loss need one value per domain of {cfg.data_dir}: "
+                              f"{self.domains}")
+        self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
+        self.stages = stages_of(cfg)
+        for s in self.stages:
+            if s.batch_size % (self.world * s.micro_batch_size):
+                raise ConfigError(f"{s.name}_batch_size={s.batch_size} must be a multiple of world size {self.world} "
+                                  f"x {s.name}_micro_batch_size={s.micro_batch_size}")
+        if cfg.eval_batch_size % self.world:
+            raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of world size {self.world}")
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.wandb = None
+
+    # ---------------------------------------------------------------- logging
+
+    def log(self, msg: str):
+        if self.master:
+            print(msg, flush=True)
+
+    def record(self, row: dict):
+        if not self.master:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    # ---------------------------------------------------------------- pieces of a stage
+
+    def make_weighter(self) -> dro.DomainWeighter:
+        c = self.cfg
+        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, c.reference_loss, rho=c.rho,
+                                  min_prob=c.min_prob, seed=c.seed)
+
+    def make_optimizer(self, model, stage: Stage):
+        c = self.cfg
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8,
+                                 fused=False, foreach=self.device.type == "cuda")
+
+    def evaluate(self, model, masks, seq_len) -> np.ndarray:
+        """Per-domain mean validation loss over fixed batches (the same every time), all ranks together."""
+        c = self.cfg
+        sums = torch.zeros(len(self.domains), 2, dtype=torch.float64, device=self.device)
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            for d in range(len(self.domains)):
+                for x, y in self.bins.val_batches(d, seq_len, c.eval_batch_size, c.eval_batches, self.rank,
+                                                  self.world):
+                    x, y = x.to(self.device), y.to(self.device)
+                    tok = model(x, y, masks=masks, reduction="none")
+                    sums[d, 0] += tok.double().sum()
+                    sums[d, 1] += (y != -100).sum()
+        model.train()
+        all_reduce(sums)
+        return (sums[:, 0] / sums[:, 1]).cpu().numpy()
+
+    def autocast(self):
+        # FSDP2 applies mixed precision itself; one process on a GPU uses autocast for the same bf16 compute
+        use = self.world == 1 and self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=use)
+
+    # ---------------------------------------------------------------- one stage
+
+    def run_stage(self, stage: Stage, model, state: dict, l0: L0Module | None, l0_opt, resume_path: str | None):
+        c = self.cfg
+        sampler = MixtureSampler(self.bins, stage.seq_len, stage.batch_size, seed=c.seed + STAGES.index(stage.name))
+        weighter = self.make_weighter()
+        opt = self.make_optimizer(model, stage)
+        step = 0
+        if resume_path is not None:
+            load_checkpoint_weights(resume_path, model, opt)
+            sampler.load_state_dict(state["sampler"])
+            weighter.load_state_dict(state["weighter"])
+            step = state["step"]
+            self.log(f"resumed {stage.name} at step {step} from {resume_path}")
+        offset = sum(s.steps for s in self.stages[:self.stages.index(stage)])
+        B, mb, T = stage.batch_size, stage.micro_batch_size, stage.seq_len
+        rows = B // self.world
+        lo = self.rank * rows
+        D = len(self.domains)
+        bar = None
+        if self.master:
+            from tqdm import tqdm
+            bar = tqdm(total=stage.steps, initial=step, desc=stage.name, dynamic_ncols=True, leave=True,
+                       disable=not sys.stderr.isatty())
+        if step == 0:  # where the stage starts, for the plots (no weighter update)
+            self.eval_and_update(stage, model, l0, weighter, step, offset, update=False)
+            if stage.name == "cpt" and offset:  # right after compaction: resume never redoes the pruning
+                self.save(model, opt, None, None, sampler, weighter, stage.name, step)
+        t0, tokens_since = time.perf_counter(), 0
+        while step < stage.steps:
+            f = lr_factor(step, stage, c.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = stage.lr * f
+            if l0 is not None:
+                for g in l0_opt.param_groups:
+                    g["lr"] = c.lag_lr * f  # the reference schedules the mask and lambda groups like the model
+            x, y, dom = sampler.next(weighter.proportions, self.rank, self.world)
+            x, y, dom = x.to(self.device), y.to(self.device), dom.to(self.device)
+            n_tokens = B * T  # every position is a target in these windows
+            loss_sums = torch.zeros(D, dtype=torch.float64, device=self.device)
+            counts = torch.zeros(D, dtype=torch.float64, device=self.device)
+            for i in range(0, rows, mb):
+                if self.world > 1:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(i + mb >= rows)
+                masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
+                with self.autocast():
+                    tok = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none")  # (mb, T)
+                # x world: FSDP averages the gradients over ranks, and the loss is a mean over the global batch
+                (tok.sum() * (self.world / n_tokens)).backward()
+                loss_sums.index_add_(0, dom[i:i + mb], tok.detach().double().sum(1))
+                counts.index_add_(0, dom[i:i + mb], (y[i:i + mb] != -100).sum(1).double())
+            if l0 is not None:
+                l0.lagrangian(step).backward()
+                l0.all_reduce_grads_()
+            all_reduce(loss_sums)
+            all_reduce(counts)
+            loss = float(loss_sums.sum() / counts.sum())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. The last "
+                                         f"checkpoint in {c.out_dir}/checkpoints is intact: lower the learning rate "
+                                         "and run again to resume from it")
+            gnorm = 0.0
+            if c.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if l0 is not None:
+                l0_opt.step()
+                l0_opt.zero_grad(set_to_none=True)
+                l0.constrain_()
+            weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
+            step += 1
+            tokens_since += n_tokens
+            if bar is not None:
+                bar.update(1)
+            if step % c.log_interval == 0 or step == stage.steps:
+                dt = time.perf_counter() - t0
+                row = dict(stage=stage.name, step=step, iter=offset + step, loss=loss, lr=stage.lr * f,
+                           grad_norm=gnorm, tokens_per_s=tokens_since / dt)
+                row.update({f"train/{n}": float(s / k) for n, s, k in zip(self.domains, loss_sums.tolist(),
+                                                                           counts.tolist()) if k})
+                if l0 is not None:
+                    row.update(l0.stats(step))
+                msg = (f"{stage.name} {step}/{stage.steps} | loss {loss:.4f} | lr {stage.lr * f:.2e} | "
+                       f"{tokens_since / dt:,.0f} tok/s")
+                if self.device.type == "cuda":
+                    row["mfu"] = mfu(model, tokens_since / dt, self.world, T)
+                    msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
+                if l0 is not None:
+                    msg += (f" | sparsity {row['expected_sparsity']:.3f} -> {row['target_sparsity']:.3f}"
+                            f" (final {row['final_sparsity']:.3f})")
+                self.record(row)
+                (bar.write if bar is not None and not bar.disable else self.log)(msg)
+                tokens_since = 0
+            if step % c.eval_interval == 0 or step == stage.steps:
+                self.eval_and_update(stage, model, l0, weighter, step, offset, update=True)
+            stop = c.stop_at and offset + step >= c.stop_at
+            if (step % c.save_interval == 0 or stop) and step < stage.steps:
+                self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
+            if stop and step < stage.steps:
+                raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run the "
+                              "same command again to resume")
+            t0 = time.perf_counter() if step % c.log_interval == 0 else t0  # evaluation and saving are not training
+        if bar is not None:
+            bar.close()
+
+    def eval_and_update(self, stage, model, l0, weighter, step, offset, update: bool):
+        c = self.cfg
+        masks = l0.expected_masks() if l0 is not None else None
+        val = self.evaluate(model, masks, stage.seq_len)
+        row = dict(stage=stage.name, step=step, iter=offset + step)
+        row.update({f"val/{n}": float(v) for n, v in zip(self.domains, val)})
+        if update:
+            st = l0.stats(step) if l0 is not None else {}
+            weighter.update(step, max_steps=stage.steps, val_losses=val,
+                            expected_sparsity=st.get("expected_sparsity"), final_sparsity=st.get("final_sparsity"))
+            q = torch.tensor(weighter.q, dtype=torch.float64)
+            if self.world > 1:  # identical on every rank by construction; rank 0's is authoritative
+                dist.broadcast(q, 0)
+                weighter.q = q.numpy().copy()
+        row.update(weighter.stats())
+        if l0 is not None:
+            row.update({k: v for k, v in l0.stats(step).items() if "sparsity" in k})
+        self.record(row)
+        self.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
+            f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(self.domains, val, weighter.q)) + "  [val loss (weight)]")
+        if self.master:
+            plot_metrics(c.out_dir)
+
+    def save(self, model, opt, l0, l0_opt, sampler, weighter, stage: str, step: int):
+        state = dict(stage=stage, step=step, config=asdict(self.cfg), model_config=asdict(model.config),
+                     sampler=sampler.state_dict(), weighter=weighter.state_dict(),
+                     l0=None if l0 is None else l0.state_dict(), l0_opt=None if l0 is None else l0_opt.state_dict(),
+                     rng=torch.get_rng_state())
+        save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, model, opt, state)
+        self.log(f"saved checkpoint {checkpoint_name(stage, step)}")
+
+    # ---------------------------------------------------------------- the whole run
+
+    def make_l0(self, mcfg: ModelConfig) -> L0Module:
+        c = self.cfg
+        group = mcfg.num_attention_heads // mcfg.num_key_value_heads
+        nkv = c.target_num_key_value_heads or mcfg.num_key_value_heads
+        target = TargetShape(hidden_size=c.target_hidden_size or mcfg.hidden_size,
+                             num_hidden_layers=c.target_num_hidden_layers or mcfg.num_hidden_layers,
+                             num_attention_heads=nkv * group, num_key_value_heads=nkv,
+                             intermediate_size=c.target_intermediate_size or mcfg.intermediate_size)
+        try:
+            l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
+        except ValueError as e:
+            raise ConfigError(f"target shape: {e}") from None
+        return l0.to(self.device)
+
+    def make_l0_optimizer(self, l0):
+        c = self.cfg
+        # weight decay 0: decoupled decay would shrink lambda, which ascends by gradient reversal
+        return torch.optim.AdamW([{"params": [z.log_alpha for z in l0.z.values()]},
+                                  {"params": list(l0.lambdas.values())}], lr=c.lag_lr, betas=(c.beta1, c.beta2),
+                                 eps=1e-8, weight_decay=0.0)
+
+    def main(self):
+        c = self.cfg
+        resume = latest_checkpoint(c.out_dir)
+        state = torch.load(os.path.join(resume, "state.pt"), weights_only=False) if resume else None
+        if state is not None:
+            mcfg = ModelConfig(**state["model_config"])
+            sd = None  # the weights come from the checkpoint
+            src_path = convert._resolve(resolve_init(c.init_from))
+        else:
+            src_path = convert._resolve(resolve_init(c.init_from))
+            mcfg, sd = convert.load_hf(src_path) if self.master else (None, None)  # only rank 0 reads the weights
+            mcfg = broadcast_object(mcfg)
+        self.src_path = src_path
+        self.check_data(mcfg, src_path)
+        if self.master and c.wandb_project:
+            try:
+                import wandb
+                self.wandb = wandb
+                wandb.init(project=c.wandb_project, name=os.path.basename(os.path.abspath(c.out_dir)),
+                           config=asdict(c), resume="allow")
+            except ImportError:
+                print("wandb_project is set but wandb is not installed (pip install wandb); not logging to it")
+        stage_names = [s.name for s in self.stages]
+        start = stage_names.index(state["stage"]) if state is not None else 0
+        for si in range(start, len(self.stages)):
+            stage = self.stages[si]
+            resuming = state is not None and si == start
+            if resuming and self.master:
+                with torch.device("meta"):
+                    shapes = Transformer(mcfg).state_dict()
+                sd = {k: torch.zeros(v.shape) for k, v in shapes.items()}  # overwritten by the checkpoint
+            model = build_model(mcfg, sd if self.master else None, c, self.device, self.world)
+            sd = None
+            l0 = l0_opt = None
+            if stage.name == "prune":
+                l0 = self.make_l0(mcfg)
+                l0_opt = self.make_l0_optimizer(l0)
+                if resuming:
+                    l0.load_state_dict(state["l0"])
+                    l0_opt.load_state_dict(state["l0_opt"])
+            self.log(f"stage {stage.name}: {stage.steps} steps of {stage.batch_size} x {stage.seq_len} tokens on "
+                     f"{self.world} process(es), {self.device.type}, {str(self.dtype).removeprefix('torch.')}; "
+                     f"model {describe(mcfg)}" + (f" -> target {describe_target(l0.target)}" if l0 else ""))
+            self.run_stage(stage, model, state if resuming else None, l0, l0_opt, resume if resuming else None)
+            full = full_state_dict(model)
+            del model
+            if stage.name == "prune":  # compact: gathered on rank 0, re-sharded when the next stage builds it
+                masks = l0.deterministic_masks()
+                if self.master:
+                    mcfg, sd = prune_state_dict(mcfg, full, masks)
+                    save_masks(c.out_dir, l0, masks)
+                    self.export(mcfg, sd, "pruned")
+                mcfg = broadcast_object(mcfg)
+            else:
+                sd = full
+            if si + 1 == len(self.stages) and self.master:
+                self.export(mcfg, sd, "hf")
+        barrier()
+        if self.master:
+            with open(os.path.join(c.out_dir, "done.json"), "w") as f:
+                json.dump(dict(model_config=asdict(mcfg), hf=os.path.join(c.out_dir, "hf")), f, indent=1)
+            plot_metrics(c.out_dir)
+        self.log(f"done: {os.path.join(c.out_dir, 'hf')} ({describe(mcfg)})")
+
+    def check_data(self, mcfg, src_path):
+        import prepare
+        try:
+            fp = prepare.tokenizer_fingerprint(src_path) if os.path.isdir(src_path) else None
+        except prepare.PrepareError:
+            fp = None  # no tokenizer files beside the model: only the vocabulary size can be checked
+        try:
+            self.bins.check_compatible(mcfg.vocab_size, fp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def export(self, mcfg, sd, name):
+        model = Transformer.from_state_dict(mcfg, {k: v.float() for k, v in sd.items()})
+        out = os.path.join(self.cfg.out_dir, name)
+        convert.export_hf(model, out, tokenizer_src=self.src_path, dtype=getattr(torch, self.cfg.export_dtype),
+                          force=True)
+        self.log(f"exported {out} ({describe(mcfg)})")
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def all_reduce(t: torch.Tensor):
+    if dist.is_initialized():
+        dist.all_reduce(t)
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def describe(m: ModelConfig) -> str:
+    return (f"{m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads}/{m.num_key_value_heads} "
+            f"heads, intermediate {m.intermediate_size}")
+
+
+def describe_target(t: TargetShape) -> str:
+    return (f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads}/{t.num_key_value_heads} "
+            f"heads, intermediate {t.intermediate_size}")
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16
+
+
+def mfu(model, tokens_per_s: float, world: int, T: int) -> float:
+    """Model-FLOPs utilisation: 6 N + 12 L d T FLOPs per token (PaLM's estimate) against the GPU's dense bf16 peak."""
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak is None:
+        return 0.0
+    m = model.config
+    n = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the whole parameter's
+    flops = 6 * n + 12 * m.num_hidden_layers * m.hidden_size * T
+    return flops * tokens_per_s / (peak * world)
+
+
+def save_masks(out_dir, l0, masks):
+    torch.save(dict(masks={k: v.cpu() for k, v in masks.items()},
+                    log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
+                    lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
+                    source_config=asdict(l0.cfg)), os.path.join(out_dir, "masks.pt"))
+
+
+def read_metrics(out_dir) -> list[dict]:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(out_dir, stage: str, step: int):
+    """On resume, drop the lines written after the checkpoint (they will be written again)."""
+    rows = read_metrics(out_dir)
+    pos = (STAGES.index(stage), step)
+    # lines of the checkpoint's own step stay, except at step 0, whose evaluation the resumed stage repeats
+    keep = [r for r in rows if (STAGES.index(r["stage"]), r["step"]) < pos or (r["stage"], r["step"]) == (stage, step)
+            and step > 0]
+    if len(keep) != len(rows):
+        tmp = os.path.join(out_dir, ".metrics.jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(tmp, os.path.join(out_dir, "metrics.jsonl"))
+
+
+def plot_metrics(out_dir):
+    """plots/weights.png, plots/val_loss.png, plots/sparsity.png from metrics.jsonl, against the global step."""
+    rows = read_metrics(out_dir)
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    switch = next((r["iter"] for r in rows if r["stage"] == "cpt"), None)
+
+    def series(prefix):
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+        return {k[len(prefix):]: [(r["iter"], r[k]) for r in rows if k in r] for k in keys}
+
+    panels = [("weights", "weight/", "domain weight"), ("val_loss", "val/", "validation loss (nats/token)")]
+    for name, prefix, ylabel in panels:
+        data = series(prefix)
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, pts in data.items():
+            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 30 else None)
+        if switch is not None:
+            ax.axvline(switch, color="gray", ls=":", label="compaction")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "plots", f"{name}.png"), dpi=110)
+        plt.close(fig)
+    pts = [(r["iter"], r["expected_sparsity"], r["target_sparsity"]) for r in rows if "expected_sparsity" in r]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        it, e, t = zip(*pts)
+        ax.plot(it, e, label="expected")
+        ax.plot(it, t, label="target (warm-up schedule)", ls="--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("sparsity of the prunable weights")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "plots", "sparsity.png"), dpi=110)
+        plt.close(fig)
+
+
+def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
+    """'fresh' | 'resume' | 'done'. Refuses an out_dir holding another run unless overwrite."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    status = "fresh"
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        mine = asdict(cfg)
+        diff = sorted(k for k in set(old) | set(mine) if k not in RESUMABLE and old.get(k) != mine.get(k))
+        if diff and not cfg.overwrite:
+            raise ConfigError(f"{cfg.out_dir} holds a run with another config ({', '.join(diff)} differ); use "
+                              "another out_dir, or --overwrite=true to start it over")
+        if diff:  # overwrite: start over
+            if master:
+                for name in ("checkpoints", "pruned", "hf", "plots", "metrics.jsonl", "masks.pt", "done.json"):
+                    p = os.path.join(cfg.out_dir, name)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
+        elif os.path.isfile(os.path.join(cfg.out_dir, "done.json")):
+            status = "done"
+        elif latest_checkpoint(cfg.out_dir):
+            status = "resume"
+    barrier()
+    if master and status != "done":
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+        os.replace(tmp, path)
+    return status
+
+
+def main(argv=None):
+    # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        run = Run(cfg)
+        status = prepare_out_dir(cfg, run.master)
+        if status == "done":
+            run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
+            return 0
+        ckpt = latest_checkpoint(cfg.out_dir)
+        if run.master and ckpt is not None:
+            st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+            truncate_metrics(cfg.out_dir, st["stage"], st["step"])
+        elif run.master and status == "fresh" and os.path.exists(run.metrics_path):
+            os.remove(run.metrics_path)
+        barrier()
+        run.main()
+    except StopRun as e:
+        run.log(str(e))
+    except (ConfigError, convert.ConvertError, FileNotFoundError, FloatingPointError) as e:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
