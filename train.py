@@ -251,9 +251,9 @@ def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, wo
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    model.to_empty(device=device)
-    if mcfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to_empty(device=device)  # keeps the tied embedding tied
+    if sd is not None and mcfg.tie_word_embeddings:
+        sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
     set_model_state_dict(model, sd if dist.get_rank() == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
