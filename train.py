@@ -589,6 +589,9 @@ class Run:
         c = self.cfg
         group = mcfg.num_attention_heads // mcfg.num_key_value_heads
         nkv = c.target_num_key_value_heads or mcfg.num_key_value_heads
+        if not 1 <= nkv <= mcfg.num_key_value_heads:  # query heads follow from it: name the field the user set
+            raise ConfigError(f"target_num_key_value_heads={nkv} must be in [1, {mcfg.num_key_value_heads}] "
+                              "(the source model's)")
         target = TargetShape(hidden_size=c.target_hidden_size or mcfg.hidden_size,
                              num_hidden_layers=c.target_num_hidden_layers or mcfg.num_hidden_layers,
                              num_attention_heads=nkv * group, num_key_value_heads=nkv,
