@@ -3,6 +3,7 @@ Weights in and out: Hugging Face directories, hub ids and GGUF files -> our Tran
 Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads with identical outputs.
 
     python convert.py to-hf SRC OUT [--dtype bfloat16] [--max-shard-size 5GB] [--force]
+    python convert.py to-hf out/run OUT      # a train.py run's latest checkpoint (compacted if still pruning)
 
 SRC is a local Hugging Face directory (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model*.bin), a hub id already in the local hub cache (or downloadable when online), or a .gguf file
@@ -208,6 +209,43 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
     return cfg, sd
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of a train.py run directory (state.pt is written last)."""
+    root = os.path.join(run_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if not d.startswith(".") and
+                  os.path.isfile(os.path.join(root, d, "state.pt"))) if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
+    """A train.py run's latest checkpoint -> (config, weights, tokenizer source). A pruning-stage checkpoint is
+    compacted with its current deterministic masks, i.e. what the run would hand to continued pretraining."""
+    import torch.distributed.checkpoint as dcp
+
+    from l0 import L0Module, TargetShape
+    from model import prune_state_dict
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise ConvertError(f"{run_dir} holds no complete checkpoint yet")
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    cfg = ModelConfig(**state["model_config"])
+    with torch.device("meta"):
+        shapes = Transformer(cfg).state_dict()
+    sd = {"model": {k: torch.empty(v.shape) for k, v in shapes.items()}}
+    dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
+    sd = sd["model"]
+    if state["stage"] == "prune":
+        train_cfg = state["config"]
+        target = TargetShape.resolve(cfg, **{k.removeprefix("target_"): v for k, v in train_cfg.items()
+                                             if k.startswith("target_")})
+        l0 = L0Module(cfg, target)
+        l0.load_state_dict(state["l0"])
+        cfg, sd = prune_state_dict(cfg, sd, l0.deterministic_masks())
+    init = state["config"]["init_from"]
+    tok = os.path.join(init, "hf") if os.path.isdir(os.path.join(init, "hf")) else init
+    return cfg, sd, _resolve(tok)
+
+
 def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
     """SRC (HF directory, hub id, or .gguf) -> (ModelConfig, state dict in our names, `dtype`)."""
     path = _resolve(src)
@@ -347,7 +385,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("to-hf", help="write SRC as a Hugging Face model directory OUT")
-    t.add_argument("src", help="HF model directory, hub id (owner/name) or .gguf file")
+    t.add_argument("src", help="HF model directory, hub id (owner/name), .gguf file, or a train.py run directory "
+                   "(its latest checkpoint)")
     t.add_argument("out", help="output directory")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype to write (default: as loaded, float32)")
@@ -363,8 +402,13 @@ def main(argv=None):
         if os.path.abspath(args.src) == os.path.abspath(args.out):
             raise ConvertError("SRC and OUT are the same directory")
         _parse_size(args.max_shard_size)
-        path = _resolve(args.src)
-        model = Transformer.from_state_dict(*load_hf(path, dtype=getattr(torch, args.dtype or "float32")))
+        if os.path.isfile(os.path.join(args.src, "config.json")) and os.path.isdir(os.path.join(args.src, "checkpoints")):
+            cfg, sd, path = load_run(args.src)  # a train.py run directory: its latest checkpoint
+            sd = {k: v.to(getattr(torch, args.dtype or "float32")) for k, v in sd.items()}
+        else:
+            path = _resolve(args.src)
+            cfg, sd = load_hf(path, dtype=getattr(torch, args.dtype or "float32"))
+        model = Transformer.from_state_dict(cfg, sd)
         export_hf(model, args.out, tokenizer_src=path, max_shard_size=args.max_shard_size, force=args.force)
     except (ConvertError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)

@@ -70,6 +70,16 @@ class TargetShape:
     def of(cls, cfg: ModelConfig) -> "TargetShape":
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
+    @classmethod
+    def resolve(cls, src: ModelConfig, hidden_size=0, num_hidden_layers=0, num_key_value_heads=0,
+                intermediate_size=0) -> "TargetShape":
+        """The target from the dimensions to change (0 keeps the source's); query heads follow from the source's
+        group size, since pruning removes whole key/value groups."""
+        nkv = num_key_value_heads or src.num_key_value_heads
+        return cls(hidden_size=hidden_size or src.hidden_size, num_hidden_layers=num_hidden_layers or
+                   src.num_hidden_layers, num_attention_heads=nkv * (src.num_attention_heads // src.num_key_value_heads),
+                   num_key_value_heads=nkv, intermediate_size=intermediate_size or src.intermediate_size)
+
     def validate(self, src: ModelConfig):
         """One-line ValueError unless `src` can be pruned to this shape."""
         for k, v in asdict(self).items():

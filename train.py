@@ -62,8 +62,9 @@ class TrainConfig:
     target_intermediate_size: int = 0
     # domain weighting (dro.parse_method): constant | sheared | bandit | dro[+eval][+dy][+dyall]
     domain_weighting: str = "dro+eval"
-    domain_proportions: list | None = None  # initial mixture, in the data's domain order; None: by token counts
-    reference_loss: list | None = None  # per domain; None: unknown (only with +dy, fitted during training)
+    # per domain: {name: value} (or a list in the data's domain order)
+    domain_proportions: dict | list | None = None  # the initial (reference) mixture; None: by training tokens
+    reference_loss: dict | list | None = None  # None: unknown, only with +dy/+dyall (fitted during training)
     rho: float = 0.1  # radius of the chi^2 ball
     min_prob: float = 0.2  # every domain keeps >= min_prob x its reference share
     # pruning stage
@@ -130,29 +131,34 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
                 return int(value) if typ == "int" else float(value)
             except ValueError:
                 raise ConfigError(f"--{name}={value}: expected a number ({typ})") from None
-        if typ.startswith("list"):
+        if typ == "numbers":
             if value.lower() in ("", "none"):
                 return None
             try:
-                value = ast.literal_eval(value if value.lstrip().startswith("[") else f"[{value}]")
+                value = ast.literal_eval(value if value.lstrip()[:1] in "[{" else f"[{value}]")
             except (ValueError, SyntaxError):
-                raise ConfigError(f"--{name}={value}: expected comma-separated numbers") from None
+                raise ConfigError(f"--{name}={value}: expected comma-separated numbers or {{name: number}}") from None
     if typ == "bool" and isinstance(value, bool) or typ == "str" and isinstance(value, str):
         return value
     if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if typ.startswith("list") and (value is None or isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        return None if value is None else [float(v) for v in value]
+    if typ == "numbers":
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if value is None:
+            return None
+        if isinstance(value, dict) and all(isinstance(k, str) and num(v) for k, v in value.items()):
+            return {k: float(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and all(num(v) for v in value):
+            return [float(v) for v in value]
+        raise ConfigError(f"{name}={value!r}: expected {{domain: number}} or a list of numbers")
     raise ConfigError(f"{name}={value!r}: expected {typ}")
 
 
 def load_config(argv: list[str]) -> TrainConfig:
     """python train.py [config/x.py] [--key=value ...] -> a validated TrainConfig."""
-    types = {f.name: str(f.type).replace("<class '", "").replace("'>", "").replace(" | None", "") for f in
-             fields(TrainConfig)}
+    types = {f.name: "numbers" if "list" in str(f.type) else f.type.__name__ for f in fields(TrainConfig)}
 
     def check(name):
         if name not in types:
@@ -287,15 +293,6 @@ def checkpoint_name(stage: str, step: int) -> str:
     return f"{STAGES.index(stage)}-{stage}-{step:08d}"
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    root = os.path.join(out_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root) if not d.startswith(".") and
-                  os.path.isfile(os.path.join(root, d, "state.pt")))
-    return os.path.join(root, done[-1]) if done else None
-
-
 def save_checkpoint(out_dir, keep, rank, model, opt, state: dict):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -377,13 +374,15 @@ class Run:
         self.bins = DomainBins(cfg.data_dir)
         self.domains = self.bins.domains
         D = len(self.domains)
-        p = cfg.domain_proportions
-        if p is None:  # by training tokens
-            p = [len(t) for t in self.bins.train]
-        if len(p) != D or (cfg.reference_loss is not None and len(cfg.reference_loss) != D):
-            raise ConfigError(f"domain_proportions and reference_loss need one value per domain of {cfg.data_dir}: "
-                              f"{self.domains}")
+        p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
+        self.reference_loss = self.per_domain("reference_loss", cfg.reference_loss)
+        if min(p) < 0 or sum(p) <= 0:
+            raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and not all 0")
         self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
+        try:
+            self.make_weighter()
+        except ValueError as e:
+            raise ConfigError(f"domain_weighting={cfg.domain_weighting!r}: {e}") from None
         self.stages = stages_of(cfg)
         for s in self.stages:
             if s.batch_size % (self.world * s.micro_batch_size):
@@ -393,6 +392,20 @@ class Run:
             raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of world size {self.world}")
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.wandb = None
+
+    def per_domain(self, name, value) -> list | None:
+        """A {domain: value} dict or a list in the data's domain order -> a list in the data's domain order."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            if set(value) != set(self.domains):
+                raise ConfigError(f"{name} names {sorted(value)} but {self.cfg.data_dir} has the domains "
+                                  f"{self.domains}")
+            return [value[d] for d in self.domains]
+        if len(value) != len(self.domains):
+            raise ConfigError(f"{name} has {len(value)} values but {self.cfg.data_dir} has {len(self.domains)} "
+                              f"domains: need one value per domain of {self.domains}")
+        return list(value)
 
     # ---------------------------------------------------------------- logging
 
@@ -412,7 +425,7 @@ class Run:
 
     def make_weighter(self) -> dro.DomainWeighter:
         c = self.cfg
-        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, c.reference_loss, rho=c.rho,
+        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, self.reference_loss, rho=c.rho,
                                   min_prob=c.min_prob, seed=c.seed)
 
     def make_optimizer(self, model, stage: Stage):
@@ -587,15 +600,11 @@ class Run:
 
     def make_l0(self, mcfg: ModelConfig) -> L0Module:
         c = self.cfg
-        group = mcfg.num_attention_heads // mcfg.num_key_value_heads
         nkv = c.target_num_key_value_heads or mcfg.num_key_value_heads
         if not 1 <= nkv <= mcfg.num_key_value_heads:  # query heads follow from it: name the field the user set
             raise ConfigError(f"target_num_key_value_heads={nkv} must be in [1, {mcfg.num_key_value_heads}] "
                               "(the source model's)")
-        target = TargetShape(hidden_size=c.target_hidden_size or mcfg.hidden_size,
-                             num_hidden_layers=c.target_num_hidden_layers or mcfg.num_hidden_layers,
-                             num_attention_heads=nkv * group, num_key_value_heads=nkv,
-                             intermediate_size=c.target_intermediate_size or mcfg.intermediate_size)
+        target = TargetShape.resolve(mcfg, **target_fields(asdict(c)))
         try:
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
         except ValueError as e:
@@ -611,7 +620,7 @@ class Run:
 
     def main(self):
         c = self.cfg
-        resume = latest_checkpoint(c.out_dir)
+        resume = convert.latest_checkpoint(c.out_dir)
         state = torch.load(os.path.join(resume, "state.pt"), weights_only=False) if resume else None
         if state is not None:
             mcfg = ModelConfig(**state["model_config"])
@@ -706,6 +715,11 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
+
+
+def target_fields(cfg: dict) -> dict:
+    """TrainConfig's target_* fields as TargetShape.resolve arguments."""
+    return {k.removeprefix("target_"): v for k, v in cfg.items() if k.startswith("target_")}
 
 
 def describe(m: ModelConfig) -> str:
@@ -826,7 +840,7 @@ def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
                     shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
         elif os.path.isfile(os.path.join(cfg.out_dir, "done.json")):
             status = "done"
-        elif latest_checkpoint(cfg.out_dir):
+        elif convert.latest_checkpoint(cfg.out_dir):
             status = "resume"
     barrier()
     if master and status != "done":
@@ -848,7 +862,7 @@ def main(argv=None):
         if status == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
-        ckpt = latest_checkpoint(cfg.out_dir)
+        ckpt = convert.latest_checkpoint(cfg.out_dir)
         if run.master and ckpt is not None:
             st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
             truncate_metrics(cfg.out_dir, st["stage"], st["step"])

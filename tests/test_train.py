@@ -156,7 +156,7 @@ def test_domain_weights_move_toward_the_harder_domain(setup, tmp_path):
     root, base, ref = setup
     out = tmp_path / "run"
     assert train.main(base + [f"--out_dir={out}", "--prune_steps=0", "--cpt_steps=8", "--reference_loss=3,3,3",
-                              "--domain_proportions=0.4,0.3,0.3"]) == 0
+                              "--domain_proportions={'hard': 0.3, 'mid': 0.3, 'easy': 0.4}"]) == 0
     rows = [r for r in metrics(out) if "weight/hard" in r]
     first, last = rows[0], rows[-1]
     assert first["weight/hard"] == pytest.approx(0.3)
@@ -173,6 +173,7 @@ def test_domain_weights_move_toward_the_harder_domain(setup, tmp_path):
     (["--prune_steps=0", "--cpt_steps=0"], "nothing to do"),
     (["--domain_weighting=dro+fast"], "unknown option in method"),
     (["--reference_loss=1,2"], "need one value per domain"),
+    (["--reference_loss={'easy': 1, 'mid': 2, 'hrad': 3}"], "reference_loss names ['easy', 'hrad', 'mid'] but"),
     (["--target_num_key_value_heads=3"], "target_num_key_value_heads=3 must be in [1, 2]"),
     (["--target_hidden_size=25"], "target shape: a LLaMA config needs hidden_size divisible by num_attention_heads"),
     (["--prune_micro_batch_size=3"], "prune_batch_size=4 must be a multiple of world size 1 x prune_micro_batch_size=3"),
@@ -202,3 +203,15 @@ def test_shipped_configs_load():
         assert cfg.prune_steps > 0
     llama = train.load_config([str(ROOT / "config" / "prune_llama2.py"), "--cpt_steps=0"])
     assert llama.target_hidden_size == 2560 and len(llama.reference_loss) == 7 and llama.cpt_steps == 0
+
+
+def test_convert_exports_a_run_checkpoint(setup, tmp_path):
+    root, base, ref = setup
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--stop_at=4"]) == 0  # still pruning
+    for run in (tmp_path / "run", ref):  # a pruning checkpoint is compacted with its current masks
+        out = tmp_path / f"hf-{run.name}"
+        r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "to-hf", str(run), str(out)], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+        assert (hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.num_key_value_heads) == (24, 2, 1)
