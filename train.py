@@ -575,10 +575,10 @@ class Run:
             st = l0.stats(step) if l0 is not None else {}
             weighter.update(step, max_steps=stage.steps, val_losses=val,
                             expected_sparsity=st.get("expected_sparsity"), final_sparsity=st.get("final_sparsity"))
-            q = torch.tensor(weighter.q, dtype=torch.float64)
             if self.world > 1:  # identical on every rank by construction; rank 0's is authoritative
+                q = torch.tensor(weighter.q, dtype=torch.float64, device=self.device)  # NCCL: on the GPU
                 dist.broadcast(q, 0)
-                weighter.q = q.numpy().copy()
+                weighter.q = q.cpu().numpy()
         row.update(weighter.stats())
         if l0 is not None:
             row.update({k: v for k, v in l0.stats(step).items() if "sparsity" in k})

@@ -215,3 +215,28 @@ def test_convert_exports_a_run_checkpoint(setup, tmp_path):
         assert r.returncode == 0, r.stderr
         hf = transformers.AutoModelForCausalLM.from_pretrained(out)
         assert (hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.num_key_value_heads) == (24, 2, 1)
+
+
+def test_activation_checkpointing_changes_nothing(setup, tmp_path):
+    root, base, ref = setup
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--activation_checkpointing=true"]) == 0
+    a, b = weights(ref), weights(tmp_path / "run")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    root, base, ref = setup
+    forward, calls = Transformer.forward, []
+
+    def poisoned(self, idx, targets=None, masks=None, reduction="mean"):
+        out = forward(self, idx, targets, masks, reduction)
+        calls.append(torch.is_grad_enabled())
+        return out * float("nan") if sum(calls) > 12 else out  # from the 4th training step (4 micro-batches each)
+
+    monkeypatch.setattr(Transformer, "forward", poisoned)
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "prune step 3: the training loss is nan" in err and len(err.splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0-prune-00000002"]
+    assert not (tmp_path / "run" / "done.json").exists()
