@@ -95,7 +95,7 @@ class TrainConfig:
     eval_batch_size: int = 8  # sequences per eval batch, over all ranks
     log_interval: int = 10
     save_interval: int = 400
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest ones; 0 keeps all
     stop_at: int = 0  # stop (with a checkpoint) once the run reaches this step, e.g. a job's time limit; 0 = never
     export_dtype: str = "float32"  # of pruned/ and hf/: float32 | bfloat16
     wandb_project: str = ""  # log to Weights & Biases too (if installed)
@@ -300,7 +300,10 @@ def save_checkpoint(out_dir, keep, rank, model, opt, state: dict):
     name = checkpoint_name(state["stage"], state["step"])
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+        for d in os.listdir(root):  # leftovers of a save that was interrupted
+            if d.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
         os.makedirs(tmp)
     barrier()
     msd, osd = get_state_dict(model, opt)
@@ -482,12 +485,19 @@ class Run:
             from tqdm import tqdm
             bar = tqdm(total=stage.steps, initial=step, desc=stage.name, dynamic_ncols=True, leave=True,
                        disable=not sys.stderr.isatty())
+        saved = step if resume_path is not None else None  # the step of the newest checkpoint of this stage
         if step == 0:  # where the stage starts, for the plots (no weighter update)
             self.eval_and_update(stage, model, l0, weighter, step, offset, update=False)
-            if stage.name == "cpt" and offset:  # right after compaction: resume never redoes the pruning
+            if stage.name == "cpt" and offset and resume_path is None:  # right after compaction: never prune twice
                 self.save(model, opt, None, None, sampler, weighter, stage.name, step)
+                saved = step
         t0, tokens_since = time.perf_counter(), 0
         while step < stage.steps:
+            if c.stop_at and offset + step >= c.stop_at:
+                if saved != step:
+                    self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
+                raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
+                              "without stop_at (or with a later one) to resume")
             f = lr_factor(step, stage, c.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = stage.lr * f
@@ -555,12 +565,9 @@ class Run:
                 tokens_since = 0
             if step % c.eval_interval == 0 or step == stage.steps:
                 self.eval_and_update(stage, model, l0, weighter, step, offset, update=True)
-            stop = c.stop_at and offset + step >= c.stop_at
-            if (step % c.save_interval == 0 or stop) and step < stage.steps:
+            if step % c.save_interval == 0 and step < stage.steps:
                 self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
-            if stop and step < stage.steps:
-                raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run the "
-                              "same command again to resume")
+                saved = step
             t0 = time.perf_counter() if step % c.log_interval == 0 else t0  # evaluation and saving are not training
         if bar is not None:
             bar.close()
