@@ -341,21 +341,26 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of logits = h @ weight.T, `chunk` tokens at a time: the (N, V) logits and their fp32
     copy are never held for the whole batch (Qwen2's 152k vocabulary at 4k tokens is 2.5 GB of fp32 logits per
     sequence). The backward recomputes each chunk's logits: one more lm_head matmul, as activation checkpointing.
-    Same numbers as F.cross_entropy(lm_head(h).float()): logits in the activation dtype, softmax in fp32.
+    Same numbers as F.cross_entropy(lm_head(h).float()): the matmul in the dtype F.linear would use (autocast's,
+    if on; recorded in the forward, so the backward recomputes the very same logits), softmax in fp32.
 
     h (N, d), weight (V, d), targets (N,) with -100 = ignore -> (N,) fp32 losses (0 where ignored)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk: int):
+        dev = h.device.type
+        ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 (fp64 for gradcheck)
         loss = torch.empty(len(h), device=h.device, dtype=dtype)
         lse = torch.empty_like(loss)
-        for i in range(0, len(h), chunk):
-            logits = (h[i:i + chunk] @ weight.T).to(dtype)  # (c, V)
-            t = targets[i:i + chunk]
-            lse[i:i + chunk] = torch.logsumexp(logits, -1)
-            picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
-            loss[i:i + chunk] = torch.where(t != -100, lse[i:i + chunk] - picked, 0.0)
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(ctx.mm_dtype)
+            for i in range(0, len(h), chunk):
+                logits = (h[i:i + chunk].to(ctx.mm_dtype) @ w.T).to(dtype)  # (c, V)
+                t = targets[i:i + chunk]
+                lse[i:i + chunk] = torch.logsumexp(logits, -1)
+                picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
+                loss[i:i + chunk] = torch.where(t != -100, lse[i:i + chunk] - picked, 0.0)
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk = chunk
         return loss
@@ -363,15 +368,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weight, targets, lse = ctx.saved_tensors
-        dh, dw = torch.empty_like(h), torch.zeros_like(weight)
-        for i in range(0, len(h), ctx.chunk):
-            hc, t = h[i:i + ctx.chunk], targets[i:i + ctx.chunk]
-            g = torch.exp((hc @ weight.T).to(lse.dtype) - lse[i:i + ctx.chunk, None])  # softmax (c, V)
-            g.scatter_add_(-1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
-            g = (g * torch.where(t != -100, grad[i:i + ctx.chunk], 0.0)[:, None]).to(h.dtype)  # dloss/dlogits
-            dh[i:i + ctx.chunk] = g @ weight
-            dw.addmm_(g.T, hc)
-        return dh, dw, None, None
+        mm = ctx.mm_dtype
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(mm)
+            for i in range(0, len(h), ctx.chunk):
+                hc, t = h[i:i + ctx.chunk].to(mm), targets[i:i + ctx.chunk]
+                g = torch.exp((hc @ w.T).to(lse.dtype) - lse[i:i + ctx.chunk, None])  # softmax (c, V)
+                g.scatter_add_(-1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
+                g = (g * torch.where(t != -100, grad[i:i + ctx.chunk], 0.0)[:, None]).to(mm)  # dloss/dlogits
+                dh[i:i + ctx.chunk] = (g @ w).to(h.dtype)
+                dw += (g.T @ hc).to(dw.dtype)  # accumulated over chunks in fp32 (or more)
+        return dh, dw.to(weight.dtype), None, None
 
 
 # -----------------------------------------------------------------------------
