@@ -227,7 +227,7 @@ def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise ConvertError(f"{run_dir} holds no complete checkpoint yet")
-    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
     cfg = ModelConfig(**state["model_config"])
     with torch.device("meta"):
         shapes = Transformer(cfg).state_dict()
@@ -241,9 +241,7 @@ def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
         l0 = L0Module(cfg, target)
         l0.load_state_dict(state["l0"])
         cfg, sd = prune_state_dict(cfg, sd, l0.deterministic_masks())
-    init = state["config"]["init_from"]
-    tok = os.path.join(init, "hf") if os.path.isdir(os.path.join(init, "hf")) else init
-    return cfg, sd, _resolve(tok)
+    return cfg, sd, state["src_path"]  # the source model's directory: its tokenizer
 
 
 def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:

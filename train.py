@@ -26,6 +26,7 @@ directories), masks.pt (final masks, log_alpha and lambdas), done.json once fini
 """
 
 import ast
+import datetime
 import difflib
 import json
 import math
@@ -187,11 +188,11 @@ def load_config(argv: list[str]) -> TrainConfig:
                 check(key)
                 values[key] = _coerce(key, val, types[key], from_cli=False)
     cfg = TrainConfig(**values)
-    for name in ("prune_steps", "cpt_steps", "eval_batches", "keep_checkpoints"):
+    for name in ("prune_steps", "cpt_steps", "keep_checkpoints", "stop_at"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
     for name in ("prune_batch_size", "prune_micro_batch_size", "prune_seq_len", "cpt_batch_size",
-                 "cpt_micro_batch_size", "cpt_seq_len", "eval_interval", "eval_batch_size", "log_interval",
+                 "cpt_micro_batch_size", "cpt_seq_len", "eval_interval", "eval_batches", "eval_batch_size", "log_interval",
                  "save_interval"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
@@ -219,7 +220,8 @@ def setup_distributed(cfg: TrainConfig):
     if "RANK" in os.environ:
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # rank 0 alone reads and exports whole models while the others wait: allow it more than the 10 min default
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -235,9 +237,10 @@ def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
 
 
 def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, world: int) -> torch.nn.Module:
-    """The model on `device`, from the full fp32 state dict `sd` that only rank 0 holds (None elsewhere). With
-    several ranks: meta-device init, FSDP2 per block and root (bf16 mixed precision on GPU), then each rank receives
-    its shards from rank 0, so no rank but 0 ever holds the whole model."""
+    """The model on `device`, from the full fp32 state dict `sd` that only rank 0 holds (None elsewhere; None on
+    every rank leaves the weights uninitialised, for a checkpoint to fill). With several ranks: meta-device init,
+    FSDP2 per block and root (bf16 mixed precision on GPU), then each rank receives its shards from rank 0, so no
+    rank but 0 ever holds the whole model."""
     with torch.device("meta"):
         model = Transformer(mcfg)
     for block in model.model.layers:
@@ -248,8 +251,8 @@ def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, wo
         model.to_empty(device=device)
         if mcfg.tie_word_embeddings:  # to_empty made two tensors of the shared one
             model.lm_head.weight = model.model.embed_tokens.weight
-            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
-        model.load_state_dict(sd)
+        if sd is not None:
+            model.load_state_dict({**sd, "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])})
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -258,10 +261,11 @@ def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, wo
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     model.to_empty(device=device)  # keeps the tied embedding tied
-    if sd is not None and mcfg.tie_word_embeddings:
-        sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
-    set_model_state_dict(model, sd if dist.get_rank() == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if broadcast_object(sd is not None):
+        if sd is not None and mcfg.tie_word_embeddings:
+            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+        set_model_state_dict(model, sd if dist.get_rank() == 0 else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
@@ -374,7 +378,10 @@ class Run:
         self.rank, self.world, self.device = setup_distributed(cfg)
         self.master = self.rank == 0
         self.dtype = compute_dtype(cfg, self.device)
-        self.bins = DomainBins(cfg.data_dir)
+        try:
+            self.bins = DomainBins(cfg.data_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.domains = self.bins.domains
         D = len(self.domains)
         p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
@@ -393,6 +400,13 @@ class Run:
                                   f"x {s.name}_micro_batch_size={s.micro_batch_size}")
         if cfg.eval_batch_size % self.world:
             raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} must be a multiple of world size {self.world}")
+        for s in self.stages:  # data too short for a stage fails now, not after the stages before it
+            try:
+                MixtureSampler(self.bins, s.seq_len, s.batch_size)
+                for d in self.domains:
+                    self.bins.val_batches(d, s.seq_len, cfg.eval_batch_size, cfg.eval_batches, 0, self.world)
+            except ValueError as e:
+                raise ConfigError(f"{s.name} stage: {e}") from None
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.wandb = None
 
@@ -457,8 +471,9 @@ class Run:
         return (sums[:, 0] / sums[:, 1]).cpu().numpy()
 
     def autocast(self):
-        # FSDP2 applies mixed precision itself; one process on a GPU uses autocast for the same bf16 compute
-        use = self.world == 1 and self.device.type == "cuda" and self.dtype != torch.float32
+        # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
+        # weights and residual stream, bf16 matmuls), so the two agree closely in bf16, exactly only in fp32
+        use = self.world == 1 and self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=use)
 
     # ---------------------------------------------------------------- one stage
@@ -509,9 +524,8 @@ class Run:
             n_tokens = B * T  # every position is a target in these windows
             loss_sums = torch.zeros(D, dtype=torch.float64, device=self.device)
             counts = torch.zeros(D, dtype=torch.float64, device=self.device)
+            # FSDP2 reduce-scatters after every micro-batch: skipping it would hold unsharded fp32 gradients
             for i in range(0, rows, mb):
-                if self.world > 1:  # reduce-scatter the gradients once, after the last micro-batch
-                    model.set_requires_gradient_sync(i + mb >= rows)
                 masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
                 with self.autocast():
                     tok = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none")  # (mb, T)
@@ -529,10 +543,12 @@ class Run:
                 raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. The last "
                                          f"checkpoint in {c.out_dir}/checkpoints is intact: lower the learning rate "
                                          "and run again to resume from it")
-            gnorm = 0.0
-            if c.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-                gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+            if not math.isfinite(gnorm):  # before the step: no NaN ever reaches the weights or a checkpoint
+                raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. The "
+                                         f"last checkpoint in {c.out_dir}/checkpoints is intact: lower the learning "
+                                         "rate and run again to resume from it")
             opt.step()
             opt.zero_grad(set_to_none=True)
             if l0 is not None:
@@ -597,9 +613,9 @@ class Run:
 
     def save(self, model, opt, l0, l0_opt, sampler, weighter, stage: str, step: int):
         state = dict(stage=stage, step=step, config=asdict(self.cfg), model_config=asdict(model.config),
-                     sampler=sampler.state_dict(), weighter=weighter.state_dict(),
-                     l0=None if l0 is None else l0.state_dict(), l0_opt=None if l0 is None else l0_opt.state_dict(),
-                     rng=torch.get_rng_state())
+                     src_path=os.path.abspath(self.src_path), sampler=sampler.state_dict(),
+                     weighter=weighter.state_dict(), l0=None if l0 is None else to_cpu(l0.state_dict()),
+                     l0_opt=None if l0 is None else to_cpu(l0_opt.state_dict()))
         save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, model, opt, state)
         self.log(f"saved checkpoint {checkpoint_name(stage, step)}")
 
@@ -628,15 +644,21 @@ class Run:
     def main(self):
         c = self.cfg
         resume = convert.latest_checkpoint(c.out_dir)
-        state = torch.load(os.path.join(resume, "state.pt"), weights_only=False) if resume else None
+        state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False) if resume else None
+        src_path = convert._resolve(resolve_init(c.init_from))
         if state is not None:
             mcfg = ModelConfig(**state["model_config"])
             sd = None  # the weights come from the checkpoint
-            src_path = convert._resolve(resolve_init(c.init_from))
         else:
-            src_path = convert._resolve(resolve_init(c.init_from))
-            mcfg, sd = convert.load_hf(src_path) if self.master else (None, None)  # only rank 0 reads the weights
-            mcfg = broadcast_object(mcfg)
+            mcfg = sd = error = None
+            if self.master:  # only rank 0 reads the weights; an error reaches every rank, so none waits for it
+                try:
+                    mcfg, sd = convert.load_hf(src_path)
+                except (convert.ConvertError, ValueError, OSError) as e:
+                    error = str(e)
+            mcfg, error = broadcast_object((mcfg, error))
+            if error:
+                raise convert.ConvertError(error)
         self.src_path = src_path
         self.check_data(mcfg, src_path)
         if self.master and c.wandb_project:
@@ -652,10 +674,7 @@ class Run:
         for si in range(start, len(self.stages)):
             stage = self.stages[si]
             resuming = state is not None and si == start
-            if resuming and self.master:
-                with torch.device("meta"):
-                    shapes = Transformer(mcfg).state_dict()
-                sd = {k: torch.zeros(v.shape) for k, v in shapes.items()}  # overwritten by the checkpoint
+            # resuming: the weights come from the checkpoint (sd is None)
             model = build_model(mcfg, sd if self.master else None, c, self.device, self.world)
             sd = None
             l0 = l0_opt = None
@@ -710,6 +729,17 @@ class Run:
 
 # -----------------------------------------------------------------------------
 # helpers
+
+def to_cpu(obj):
+    """A (nested) state dict with its tensors on the CPU: checkpoints load anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
 
 def all_reduce(t: torch.Tensor):
     if dist.is_initialized():
@@ -871,7 +901,7 @@ def main(argv=None):
             return 0
         ckpt = convert.latest_checkpoint(cfg.out_dir)
         if run.master and ckpt is not None:
-            st = torch.load(os.path.join(ckpt, "state.pt"), weights_only=False)
+            st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
             truncate_metrics(cfg.out_dir, st["stage"], st["step"])
         elif run.master and status == "fresh" and os.path.exists(run.metrics_path):
             os.remove(run.metrics_path)

@@ -178,6 +178,8 @@ def test_domain_weights_move_toward_the_harder_domain(setup, tmp_path):
     (["--target_hidden_size=25"], "target shape: a LLaMA config needs hidden_size divisible by num_attention_heads"),
     (["--prune_micro_batch_size=3"], "prune_batch_size=4 must be a multiple of world size 1 x prune_micro_batch_size=3"),
     (["--init_from=/nonexistent/model"], "/nonexistent/model"),
+    (["--cpt_seq_len=30000"], "cpt stage: domain 'easy' has 23600 training tokens, fewer than seq_len+1 = 30001"),
+    (["--data_dir=/nonexistent/data"], "no dataset at /nonexistent/data"),
 ])
 def test_bad_configs_fail_with_one_line(setup, tmp_path, capsys, args, msg):
     root, base, ref = setup
