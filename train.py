@@ -454,21 +454,10 @@ class Run:
                                  fused=False, foreach=self.device.type == "cuda")
 
     def evaluate(self, model, masks, seq_len) -> np.ndarray:
-        """Per-domain mean validation loss over fixed batches (the same every time), all ranks together."""
         c = self.cfg
-        sums = torch.zeros(len(self.domains), 2, dtype=torch.float64, device=self.device)
-        model.eval()
-        with torch.no_grad(), self.autocast():
-            for d in range(len(self.domains)):
-                for x, y in self.bins.val_batches(d, seq_len, c.eval_batch_size, c.eval_batches, self.rank,
-                                                  self.world):
-                    x, y = x.to(self.device), y.to(self.device)
-                    tok = model(x, y, masks=masks, reduction="none")
-                    sums[d, 0] += tok.double().sum()
-                    sums[d, 1] += (y != -100).sum()
-        model.train()
-        all_reduce(sums)
-        return (sums[:, 0] / sums[:, 1]).cpu().numpy()
+        with self.autocast():
+            return evaluate(model, self.bins, seq_len, c.eval_batch_size, c.eval_batches, masks, self.rank,
+                            self.world, self.device)
 
     def autocast(self):
         # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
@@ -501,6 +490,8 @@ class Run:
             bar = tqdm(total=stage.steps, initial=step, desc=stage.name, dynamic_ncols=True, leave=True,
                        disable=not sys.stderr.isatty())
         saved = step if resume_path is not None else None  # the step of the newest checkpoint of this stage
+        # training time and tokens of this stage (evaluation and checkpoints excluded), carried across resumes
+        self.clock = dict(state.get("clock", {})) if resume_path is not None else {"seconds": 0.0, "tokens": 0}
         if step == 0:  # where the stage starts, for the plots (no weighter update)
             self.eval_and_update(stage, model, l0, weighter, step, offset, update=False)
             if stage.name == "cpt" and offset and resume_path is None:  # right after compaction: never prune twice
@@ -508,6 +499,7 @@ class Run:
                 saved = step
         t0, tokens_since = time.perf_counter(), 0
         while step < stage.steps:
+            t_step = time.perf_counter()
             if c.stop_at and offset + step >= c.stop_at:
                 if saved != step:
                     self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
@@ -558,6 +550,8 @@ class Run:
             weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
             step += 1
             tokens_since += n_tokens
+            self.clock["tokens"] += n_tokens
+            self.clock["seconds"] += time.perf_counter() - t_step
             if bar is not None:
                 bar.update(1)
             if step % c.log_interval == 0 or step == stage.steps:
@@ -587,6 +581,15 @@ class Run:
             t0 = time.perf_counter() if step % c.log_interval == 0 else t0  # evaluation and saving are not training
         if bar is not None:
             bar.close()
+        row = dict(stage=stage.name, step=step, iter=offset + step, stage_seconds=self.clock["seconds"],
+                   stage_tokens=self.clock["tokens"], stage_tokens_per_s=self.clock["tokens"] / max(self.clock["seconds"], 1e-9),
+                   peak_memory_gb=peak_memory_gb(self.device))
+        if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
+            st = l0.stats(step)
+            row.update(compaction_expected_sparsity=st["expected_sparsity"], compaction_final_sparsity=st["final_sparsity"])
+            self.log(f"prune end: expected sparsity {st['expected_sparsity']:.3f}, target {st['final_sparsity']:.3f} "
+                     f"(gap {st['expected_sparsity'] - st['final_sparsity']:+.3f}); compacting to the target")
+        self.record(row)
 
     def eval_and_update(self, stage, model, l0, weighter, step, offset, update: bool):
         c = self.cfg
@@ -613,7 +616,7 @@ class Run:
 
     def save(self, model, opt, l0, l0_opt, sampler, weighter, stage: str, step: int):
         state = dict(stage=stage, step=step, config=asdict(self.cfg), model_config=asdict(model.config),
-                     src_path=os.path.abspath(self.src_path), sampler=sampler.state_dict(),
+                     src_path=os.path.abspath(self.src_path), clock=dict(self.clock), sampler=sampler.state_dict(),
                      weighter=weighter.state_dict(), l0=None if l0 is None else to_cpu(l0.state_dict()),
                      l0_opt=None if l0 is None else to_cpu(l0_opt.state_dict()))
         save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, model, opt, state)
@@ -729,6 +732,31 @@ class Run:
 
 # -----------------------------------------------------------------------------
 # helpers
+
+@torch.no_grad()
+def evaluate(model, bins: DomainBins, seq_len: int, batch_size: int, batches: int, masks=None, rank: int = 0,
+             world: int = 1, device="cpu") -> np.ndarray:
+    """Per-domain mean validation loss (nats/token) over fixed batches, the same every time; all ranks together."""
+    sums = torch.zeros(len(bins.domains), 2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for d in range(len(bins.domains)):
+        for x, y in bins.val_batches(d, seq_len, batch_size, batches, rank, world):
+            x, y = x.to(device), y.to(device)
+            sums[d, 0] += model(x, y, masks=masks, reduction="none").double().sum()
+            sums[d, 1] += (y != -100).sum()
+    model.train(was_training)
+    all_reduce(sums)
+    return (sums[:, 0] / sums[:, 1]).cpu().numpy()
+
+
+def peak_memory_gb(device) -> float:
+    """The process's peak memory so far: GPU memory allocated on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
 
 def to_cpu(obj):
     """A (nested) state dict with its tensors on the CPU: checkpoints load anywhere."""
@@ -858,6 +886,103 @@ def plot_metrics(out_dir):
         plt.close(fig)
 
 
+# -----------------------------------------------------------------------------
+# evaluation and the end-of-run report: python train.py eval MODEL ... / python train.py report RUN_DIR
+
+def load_model(path: str) -> Transformer:
+    """An HF directory, cached hub id, .gguf, or a run directory (its hf/, else its latest checkpoint)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "done.json")):
+        if os.path.isfile(os.path.join(path, "hf", "config.json")):
+            path = os.path.join(path, "hf")
+        else:
+            cfg, sd, _ = convert.load_run(path)
+            return Transformer.from_state_dict(cfg, sd)
+    return Transformer.from_pretrained(path)
+
+
+def loss_table(domains, rows) -> str:
+    """rows: (name, params, per-domain losses) -> a table of loss (perplexity) with the mean and worst domain."""
+    w = max(12, *(len(r[0]) for r in rows))
+    head = f"{'model':<{w}} {'params':>8} " + " ".join(f"{d[:15]:>15}" for d in domains) + f" {'mean':>15} {'worst':>15}"
+    lines = [head, "-" * len(head)]
+    for name, params, losses in rows:
+        cells = [f"{v:.3f} ({math.exp(v):.1f})" for v in losses]
+        worst = int(np.argmax(losses))
+        lines.append(f"{name:<{w}} {params / 1e6:>7.2f}M " + " ".join(f"{c:>15}" for c in cells) +
+                     f" {np.mean(losses):>15.3f} {domains[worst][:9] + f' {losses[worst]:.3f}':>15}")
+    return "\n".join(lines) + "\n(validation loss in nats/token, perplexity in brackets)"
+
+
+def eval_main(argv) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="train.py eval", description="Per-domain validation loss and perplexity of "
+                                 "models (HF directory, hub id, .gguf, or run directory) on a prepared dataset.")
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data_dir", default="data/demo")
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=8, help="per domain")
+    args = ap.parse_args(argv)
+    try:
+        bins = DomainBins(args.data_dir)
+        rows = []
+        for path in args.models:
+            model = load_model(path)
+            bins.check_compatible(model.config.vocab_size)
+            rows.append((path, sum(p.numel() for p in model.parameters()),
+                         evaluate(model, bins, args.seq_len, args.batch_size, args.batches)))
+    except (ValueError, OSError, convert.ConvertError) as e:
+        print(f"train.py eval: error: {e}", file=sys.stderr)
+        return 1
+    print(loss_table(bins.domains, rows))
+    return 0
+
+
+def report_main(argv) -> int:
+    """What a run did: the source, the pruned and the final model on the same validation batches, the domain
+    weights, the time per stage, and a greedy completion from the exported model loaded with transformers."""
+    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "config.json")):
+        print("usage: python train.py report RUN_DIR (a train.py out_dir)", file=sys.stderr)
+        return 2
+    run = argv[0]
+    with open(os.path.join(run, "config.json")) as f:
+        c = TrainConfig(**json.load(f))
+    bins = DomainBins(c.data_dir)
+    seq_len = c.cpt_seq_len if c.cpt_steps else c.prune_seq_len
+    rows = []
+    for name, path in (("source", resolve_init(c.init_from)), ("pruned", os.path.join(run, "pruned")),
+                       ("final", os.path.join(run, "hf"))):
+        if name == "pruned" and (not c.prune_steps or not c.cpt_steps) or not os.path.exists(path):
+            continue
+        model = load_model(path)
+        rows.append((name, sum(p.numel() for p in model.parameters()),
+                     evaluate(model, bins, seq_len, c.eval_batch_size, c.eval_batches)))
+    print(f"\n{run}: {c.eval_batches} x {c.eval_batch_size} sequences of {seq_len} tokens per domain")
+    print(loss_table(bins.domains, rows))
+    metrics = read_metrics(run)
+    for stage in STAGES:
+        w = [r for r in metrics if r["stage"] == stage and "weight/" + bins.domains[0] in r]
+        if w:
+            print(f"{stage} domain weights, first -> last evaluation: " + ", ".join(
+                f"{d} {w[0]['weight/' + d]:.3f} -> {w[-1]['weight/' + d]:.3f}" for d in bins.domains))
+    for r in metrics:
+        if "stage_seconds" in r:
+            extra = (f"; gates at compaction: expected sparsity {r['compaction_expected_sparsity']:.3f} vs target "
+                     f"{r['compaction_final_sparsity']:.3f}" if "compaction_expected_sparsity" in r else "")
+            print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
+                  f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
+    hf = os.path.join(run, "hf")
+    if os.path.isfile(os.path.join(hf, "tokenizer.json")) or os.path.isfile(os.path.join(hf, "tokenizer.model")):
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(hf)
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        prompt = "The GNU General Public License is"
+        ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+        print(f"greedy completion by {hf} (transformers): {tok.decode(out[0], skip_special_tokens=True)!r}")
+    return 0
+
+
 def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
     """'fresh' | 'resume' | 'done'. Refuses an out_dir holding another run unless overwrite."""
     path = os.path.join(cfg.out_dir, "config.json")
@@ -890,10 +1015,15 @@ def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
         run = Run(cfg)
         status = prepare_out_dir(cfg, run.master)
         if status == "done":
