@@ -76,6 +76,7 @@ class TrainConfig:
     prune_lr: float = 1e-4
     prune_warmup: float = 0.1  # fraction of the stage's steps with a linear learning-rate warm-up
     lag_lr: float = 1.0  # learning rate of log_alpha and lambda (lambda ascends through gradient reversal)
+    lambda_lr: float = 0.0  # learning rate of lambda alone; 0 = lag_lr (the reference)
     lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
     # continued-pretraining stage
     cpt_steps: int = 0
@@ -509,8 +510,8 @@ class Run:
             for g in opt.param_groups:
                 g["lr"] = stage.lr * f
             if l0 is not None:
-                for g in l0_opt.param_groups:
-                    g["lr"] = c.lag_lr * f  # the reference schedules the mask and lambda groups like the model
+                for g, lr in zip(l0_opt.param_groups, (c.lag_lr, c.lambda_lr or c.lag_lr)):
+                    g["lr"] = lr * f  # the reference schedules the mask and lambda groups like the model
             x, y, dom = sampler.next(weighter.proportions, self.rank, self.world)
             x, y, dom = x.to(self.device), y.to(self.device), dom.to(self.device)
             n_tokens = B * T  # every position is a target in these windows
@@ -640,9 +641,9 @@ class Run:
     def make_l0_optimizer(self, l0):
         c = self.cfg
         # weight decay 0: decoupled decay would shrink lambda, which ascends by gradient reversal
-        return torch.optim.AdamW([{"params": [z.log_alpha for z in l0.z.values()]},
-                                  {"params": list(l0.lambdas.values())}], lr=c.lag_lr, betas=(c.beta1, c.beta2),
-                                 eps=1e-8, weight_decay=0.0)
+        return torch.optim.AdamW([{"params": [z.log_alpha for z in l0.z.values()], "lr": c.lag_lr},
+                                  {"params": list(l0.lambdas.values()), "lr": c.lambda_lr or c.lag_lr}],
+                                 betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=0.0)
 
     def main(self):
         c = self.cfg
