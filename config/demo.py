@@ -47,3 +47,4 @@ eval_batches = 2
 eval_batch_size = 4
 log_interval = 2
 save_interval = 20
+keep_checkpoints = 1  # a checkpoint of the pruning stage (model and AdamW state) is 1.6 GB here
