@@ -30,7 +30,8 @@ prune_warmup = 0.1
 # The gates start saturated (log_alpha = ln 100), where the Lagrangian's pull on them is ~1e-3 of its value and the
 # data gradient dominates: the reference's lag_lr 1.0 over 3,200 steps lets lambda grow for hundreds of steps.
 # Here, 60 steps: lambda learns 4x faster than the gates, and the target ramps up over the first half, so the
-# expected size reaches the target before compaction (measured gap: +0.007 of 0.514) without overshooting it.
+# expected size reaches the target before compaction: expected sparsity 0.570 against 0.514 in the measured run
+# (0.520 with constant domain weights); with lambda at lag_lr it was still 0.03 at step 12 and 0.06 at step 18.
 lag_lr = 0.5
 lambda_lr = 2.0
 lagrangian_warmup = 0.5
