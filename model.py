@@ -446,9 +446,8 @@ class Transformer(nn.Module):
         else:
             logits = self.lm_head(x).float()  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        loss = loss.view(B, T)
         if reduction == "none":
-            return loss
+            return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
         return loss.sum() / (targets != -100).sum().clamp(min=1)
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -1038,8 +1038,10 @@ def main(argv=None):
             os.remove(run.metrics_path)
         barrier()
         run.main()
+        barrier()  # leave together: a rank tearing gloo down while another still talks to it can abort
     except StopRun as e:
         run.log(str(e))
+        barrier()
     except (ConfigError, convert.ConvertError, FileNotFoundError, FloatingPointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
