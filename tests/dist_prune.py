@@ -69,5 +69,8 @@ if __name__ == "__main__":
     out = train_and_prune(sys.argv[1], dist.get_rank(), dist.get_world_size())
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[2])
-    dist.barrier()  # leave together: a rank tearing down gloo while the other still talks to it can abort
-    dist.destroy_process_group()
+    dist.barrier()
+    # exit without interpreter teardown: gloo's threads, destroyed at shutdown, occasionally aborted a rank
+    # ("terminate called without an active exception") after all the work was done
+    sys.stdout.flush()
+    os._exit(0)
