@@ -10,6 +10,9 @@ pretraining the smaller model: one loop, one process or many, resumable at any s
 A config file is plain Python assignments to TrainConfig fields; `--key=value` overrides them. Running the same
 command again resumes an unfinished out_dir from its latest checkpoint (exactly: same batches, masks, weights).
 
+    python train.py eval MODEL [MODEL ...] --data_dir=data/demo   # per-domain validation loss / perplexity
+    python train.py report out/demo                               # what a run did: source, pruned, final models
+
 Stages. `prune` (prune_steps) trains the weights, the hard-concrete gates (log_alpha) and the Lagrange multipliers
 (lambda, maximised) with the target-sparsity warm-up, one mask sample per micro-batch, and evaluation with masks
 of the current expected size. Then the deterministic masks compact the model (gather -> prune_state_dict ->
