@@ -235,9 +235,7 @@ def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
     dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
     sd = sd["model"]
     if state["stage"] == "prune":
-        train_cfg = state["config"]
-        target = TargetShape.resolve(cfg, **{k.removeprefix("target_"): v for k, v in train_cfg.items()
-                                             if k.startswith("target_")})
+        target = TargetShape.resolve(cfg, **state["config"])
         l0 = L0Module(cfg, target)
         l0.load_state_dict(state["l0"])
         cfg, sd = prune_state_dict(cfg, sd, l0.deterministic_masks())

@@ -71,14 +71,15 @@ class TargetShape:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
 
     @classmethod
-    def resolve(cls, src: ModelConfig, hidden_size=0, num_hidden_layers=0, num_key_value_heads=0,
-                intermediate_size=0) -> "TargetShape":
-        """The target from the dimensions to change (0 keeps the source's); query heads follow from the source's
-        group size, since pruning removes whole key/value groups."""
-        nkv = num_key_value_heads or src.num_key_value_heads
-        return cls(hidden_size=hidden_size or src.hidden_size, num_hidden_layers=num_hidden_layers or
-                   src.num_hidden_layers, num_attention_heads=nkv * (src.num_attention_heads // src.num_key_value_heads),
-                   num_key_value_heads=nkv, intermediate_size=intermediate_size or src.intermediate_size)
+    def resolve(cls, src: ModelConfig, target_hidden_size=0, target_num_hidden_layers=0,
+                target_num_key_value_heads=0, target_intermediate_size=0, **_) -> "TargetShape":
+        """The target from a training config's target_* fields (other keys ignored; 0 keeps the source's); query
+        heads follow from the source's group size, since pruning removes whole key/value groups."""
+        nkv = target_num_key_value_heads or src.num_key_value_heads
+        return cls(hidden_size=target_hidden_size or src.hidden_size,
+                   num_hidden_layers=target_num_hidden_layers or src.num_hidden_layers,
+                   num_attention_heads=nkv * (src.num_attention_heads // src.num_key_value_heads),
+                   num_key_value_heads=nkv, intermediate_size=target_intermediate_size or src.intermediate_size)
 
     def validate(self, src: ModelConfig):
         """One-line ValueError unless `src` can be pruned to this shape."""

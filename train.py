@@ -601,8 +601,8 @@ class Run:
         val = self.evaluate(model, masks, stage.seq_len)
         row = dict(stage=stage.name, step=step, iter=offset + step)
         row.update({f"val/{n}": float(v) for n, v in zip(self.domains, val)})
+        st = l0.stats(step) if l0 is not None else {}
         if update:
-            st = l0.stats(step) if l0 is not None else {}
             weighter.update(step, max_steps=stage.steps, val_losses=val,
                             expected_sparsity=st.get("expected_sparsity"), final_sparsity=st.get("final_sparsity"))
             if self.world > 1:  # identical on every rank by construction; rank 0's is authoritative
@@ -611,7 +611,7 @@ class Run:
                 weighter.q = q.cpu().numpy()
         row.update(weighter.stats())
         if l0 is not None:
-            row.update({k: v for k, v in l0.stats(step).items() if "sparsity" in k})
+            row.update({k: v for k, v in st.items() if "sparsity" in k})
         self.record(row)
         self.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
             f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(self.domains, val, weighter.q)) + "  [val loss (weight)]")
@@ -634,7 +634,7 @@ class Run:
         if not 1 <= nkv <= mcfg.num_key_value_heads:  # query heads follow from it: name the field the user set
             raise ConfigError(f"target_num_key_value_heads={nkv} must be in [1, {mcfg.num_key_value_heads}] "
                               "(the source model's)")
-        target = TargetShape.resolve(mcfg, **target_fields(asdict(c)))
+        target = TargetShape.resolve(mcfg, **asdict(c))
         try:
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
         except ValueError as e:
@@ -784,11 +784,6 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
-
-
-def target_fields(cfg: dict) -> dict:
-    """TrainConfig's target_* fields as TargetShape.resolve arguments."""
-    return {k.removeprefix("target_"): v for k, v in cfg.items() if k.startswith("target_")}
 
 
 def describe(m: ModelConfig) -> str:
