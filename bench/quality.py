@@ -1,0 +1,226 @@
+"""
+What the data scheduling buys: the demo (SmolLM2-135M pruned to the demo's target shape on the demo corpus, then
+continued pretraining) run once per domain-weighting method and seed at equal token budgets, every model scored on
+the same 16,384 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
+machine), bench/results/quality.md (the tables) and docs/quality.png (the plot).
+
+    python bench/quality.py                                  # 4 methods x 2 seeds, 40 + 40 steps: ~1 h on 2 cores
+    python bench/quality.py --methods constant,dro+eval --seeds 1 --prune_steps 20 --cpt_steps 20
+
+Each run is `train.py config/demo.py` with --domain_weighting, --seed and the budget overridden, in
+out/quality/<method>-s<seed>; an interrupted sweep picks up where it stopped (train.py resumes its runs, and
+scores already computed are kept in out/quality/scores.json). Needs `make model` and the demo data (`make demo`
+prepares both).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from data import DomainBins  # noqa: E402
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / f"{method.replace('+', '_')}-s{seed}"
+
+
+def train_run(args, method: str, seed: int) -> Path:
+    d = run_dir(Path(args.out), method, seed)
+    cmd = [sys.executable, str(ROOT / "train.py"), args.config, f"--init_from={args.model}",
+           f"--data_dir={args.data_dir}", f"--out_dir={d}", f"--domain_weighting={method}", f"--seed={seed}",
+           f"--prune_steps={args.prune_steps}", f"--cpt_steps={args.cpt_steps}",
+           f"--eval_interval={args.eval_interval}", f"--save_interval={args.save_interval}", "--keep_checkpoints=1"]
+    if not (d / "done.json").is_file():
+        print(f"\n== {method}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        subprocess.run(cmd, check=True)
+        print(f"== {method}, seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    if args.clean:  # a finished run needs no checkpoints (1.6 GB each here); its models are in pruned/ and hf/
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+    return d
+
+
+def score(bins, path, args) -> list[float]:
+    model = train.load_model(str(path))
+    bins.check_compatible(model.config.vocab_size)
+    return [float(x) for x in train.evaluate(model, bins, args.seq_len, args.batch_size, args.batches)]
+
+
+def summarize(losses) -> dict:
+    a = np.asarray(losses)
+    return dict(mean=float(a.mean()), worst=float(a.max()), spread=float(a.max() - a.min()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--methods", default="constant,sheared,dro,dro+dy+dyall")
+    ap.add_argument("--seeds", default="1337,1338")
+    ap.add_argument("--config", default="config/demo.py")
+    ap.add_argument("--model", default="models/smollm2-135m")
+    ap.add_argument("--data_dir", default="data/demo")
+    ap.add_argument("--prune_steps", type=int, default=40)
+    ap.add_argument("--cpt_steps", type=int, default=40)
+    ap.add_argument("--eval_interval", type=int, default=3, help="weight updates: every 3 steps gives +dy the 11 "
+                    "evaluations its scaling-law fit needs before the end of a 40-step stage")
+    ap.add_argument("--save_interval", type=int, default=20)
+    ap.add_argument("--seq_len", type=int, default=128, help="scoring: sequence length")
+    ap.add_argument("--batch_size", type=int, default=8, help="scoring: sequences per batch")
+    ap.add_argument("--batches", type=int, default=16, help="scoring: batches per domain (16 x 8 x 128 = half "
+                    "the demo's 32,768-token validation split; the runs' own evaluations use its first 1,024)")
+    ap.add_argument("--out", default="out/quality")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
+    ap.add_argument("--clean", action=argparse.BooleanOptionalAction, default=True,
+                    help="delete finished runs' checkpoints (default: on)")
+    args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    os.chdir(ROOT)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bins = DomainBins(args.data_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = out / "scores.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    setting = [args.seq_len, args.batch_size, args.batches]
+
+    def cached_score(key, path):
+        if cache.get(key, {}).get("setting") != setting:
+            t0 = time.time()
+            cache[key] = dict(setting=setting, losses=score(bins, path, args))
+            cache_path.write_text(json.dumps(cache, indent=1))
+            print(f"scored {key}: mean {np.mean(cache[key]['losses']):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        return cache[key]["losses"]
+
+    source = cached_score("source", args.model)
+    runs = []
+    for seed in seeds:  # seed-major, so that a partial sweep already compares every method
+        for method in methods:
+            d = train_run(args, method, seed)
+            metrics = train.read_metrics(str(d))
+            end = [r for r in metrics if "stage_seconds" in r]
+            weights = {st: [r for r in metrics if r["stage"] == st and f"weight/{bins.domains[0]}" in r]
+                       for st in ("prune", "cpt")}
+            runs.append(dict(
+                method=method, seed=seed,
+                pruned=cached_score(f"{d.name}/pruned", d / "pruned"),
+                final=cached_score(f"{d.name}/final", d / "hf"),
+                weights={st: {"first": [w[0][f"weight/{n}"] for n in bins.domains],
+                              "last": [w[-1][f"weight/{n}"] for n in bins.domains],
+                              "mean": [float(np.mean([r[f"weight/{n}"] for r in w])) for n in bins.domains]}
+                         for st, w in weights.items() if w},
+                compaction_expected_sparsity=next((r["compaction_expected_sparsity"] for r in end
+                                                   if "compaction_expected_sparsity" in r), None),
+                seconds={r["stage"]: r["stage_seconds"] for r in end}))
+
+    # aggregate over seeds
+    table = {}
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        table[method] = {}
+        for when in ("pruned", "final"):
+            per_seed = [summarize(r[when]) for r in rs]
+            table[method][when] = dict(
+                domains=np.mean([r[when] for r in rs], axis=0).tolist(),
+                **{k: float(np.mean([s[k] for s in per_seed])) for k in ("mean", "worst", "spread")},
+                **{f"{k}_seeds": [s[k] for s in per_seed] for k in ("mean", "worst")})
+    base = table.get("constant")
+    result = dict(
+        command=" ".join([sys.executable.split("/")[-1], "bench/quality.py"] + sys.argv[1:]),
+        date=datetime.date.today().isoformat(),
+        machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                     cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads()),
+        commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        budget=dict(prune_steps=args.prune_steps, cpt_steps=args.cpt_steps, eval_interval=args.eval_interval,
+                    config=args.config),
+        scoring=dict(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches),
+        domains=bins.domains, source=source, runs=runs, table=table)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "quality.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result, base)
+    (results / "quality.md").write_text(md)
+    print("\n" + md)
+    plot(result, args.plot)
+
+
+def markdown(res, base) -> str:
+    doms, n_seeds = res["domains"], len({r["seed"] for r in res["runs"]})
+    lines = [f"Validation loss (nats/token) on {res['scoring']['batches'] * res['scoring']['batch_size'] * res['scoring']['seq_len']:,} validation tokens per domain, mean over {n_seeds} "
+             f"seed(s) (each seed's value in brackets for mean and worst). Budget: {res['budget']['prune_steps']} "
+             f"pruning + {res['budget']['cpt_steps']} continued-pretraining steps of the demo config. "
+             f"`{res['command']}`, commit {res['commit']}, {res['date']}, {res['machine']['cpus']} CPUs, "
+             f"torch {res['machine']['torch']}.", ""]
+    src = res["source"]
+    for when, title in (("pruned", "after pruning (compacted, before continued pretraining)"),
+                        ("final", "after continued pretraining")):
+        lines += [f"**{title}**", "", "| method | " + " | ".join(doms) + " | mean | worst | spread | "
+                  "worst vs constant | mean vs constant |", "|---" * (len(doms) + 6) + "|"]
+        if when == "pruned":
+            s = summarize(src)
+            lines.append("| source model | " + " | ".join(f"{v:.3f}" for v in src) +
+                         f" | {s['mean']:.3f} | {s['worst']:.3f} | {s['spread']:.3f} | | |")
+        for m, t in res["table"].items():
+            t = t[when]
+            rel = ("| | " if base is None else
+                   f"| {100 * (t['worst'] / base[when]['worst'] - 1):+.1f}% | {100 * (t['mean'] / base[when]['mean'] - 1):+.1f}% ")
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in t["domains"]) +
+                         f" | {t['mean']:.3f} ({', '.join(f'{v:.3f}' for v in t['mean_seeds'])}) "
+                         f"| {t['worst']:.3f} ({', '.join(f'{v:.3f}' for v in t['worst_seeds'])}) "
+                         f"| {t['spread']:.3f} {rel}|")
+        lines.append("")
+    lines += ["**mean domain weights over the evaluations of each stage** (first seed)", "",
+              "| method | stage | " + " | ".join(doms) + " |", "|---" * (len(doms) + 2) + "|"]
+    for m in res["table"]:
+        r = next(r for r in res["runs"] if r["method"] == m)
+        for st, w in r["weights"].items():
+            lines.append(f"| {m} | {st} | " + " | ".join(f"{v:.3f}" for v in w["mean"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    doms, methods = res["domains"], list(res["table"])
+    labels = doms + ["mean", "worst"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=False)
+    width = 0.8 / len(methods)
+    for ax, when in zip(axes, ("pruned", "final")):
+        for i, m in enumerate(methods):
+            rs = [r for r in res["runs"] if r["method"] == m]
+            vals = np.array([r[when] + [np.mean(r[when]), np.max(r[when])] for r in rs])  # (seeds, domains + 2)
+            x = np.arange(len(labels)) + (i - (len(methods) - 1) / 2) * width
+            ax.bar(x, vals.mean(0), width, label=m)
+            if len(rs) > 1:  # the seeds' range
+                ax.errorbar(x, vals.mean(0), yerr=[vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)],
+                            fmt="none", ecolor="black", capsize=2, lw=0.8)
+        lo = min(min(r[when]) for r in res["runs"])
+        ax.set_ylim(lo * 0.9, None)
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_title("after pruning" if when == "pruned" else "after continued pretraining")
+        ax.set_ylabel("validation loss (nats/token)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M -> demo target, {res['budget']['prune_steps']} + {res['budget']['cpt_steps']} steps, "
+                 f"{len({r['seed'] for r in res['runs']})} seeds (bars: mean, whiskers: range)", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
