@@ -91,6 +91,19 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    def matmul_params(self) -> int:
+        """Weights used in a matmul per token: every linear layer and the lm_head (the embedding lookup is free)."""
+        d, hs = self.hidden_size, self.head_dim
+        attn = d * hs * 2 * (self.num_attention_heads + self.num_key_value_heads)
+        mlp = d * self.intermediate_size * (2 if self.neox else 3)
+        return self.num_hidden_layers * (attn + mlp) + d * self.vocab_size
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM's count, for MFU): 6 per matmul weight (forward 2, backward 4) plus
+        attention's 12 L H hs T, without discounting the causal mask."""
+        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6 * self.matmul_params() + attention
+
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         """Read a Hugging Face config.json dict: transformers 5.x (`rope_parameters`) or older files."""
@@ -209,6 +222,13 @@ def apply_rope(x, cos, sin):
     return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
 
 
+def attention(q, k, v):
+    """Causal attention, q (B, nh, T, hs), k and v (B, nkv, T, hs) -> (B, nh, T, hs): PyTorch's SDPA, which picks
+    a FlashAttention kernel on GPUs. A module-level function, so another kernel (bench/gpu.py tries the flash-attn
+    package) can replace it: model.attention = ..."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def apply_z(x, z):
     return x if z is None else x * z.to(x.device, x.dtype)
 
@@ -275,7 +295,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nh != self.nkv)  # (B, nh, T, hs)
+        y = attention(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)
         # one unit per key/value group: query head h belongs to group h // (nh // nkv), as in HF repeat_kv; head_z
         # scales each head's output, i.e. o_proj's input columns

@@ -454,8 +454,11 @@ class Run:
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # CPU: the fused kernel, one pass over the state (4.6x faster than the for-loop on SmolLM2's 134M weights,
+        # 5% of a training step; bench/speed.py); GPU: foreach, the default
+        cpu = self.device.type == "cpu"
         return torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8,
-                                 fused=False, foreach=self.device.type == "cuda")
+                                 fused=cpu or None, foreach=None if cpu else True)
 
     def evaluate(self, model, masks, seq_len) -> np.ndarray:
         c = self.cfg
@@ -800,15 +803,12 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  #
 
 
 def mfu(model, tokens_per_s: float, world: int, T: int) -> float:
-    """Model-FLOPs utilisation: 6 N + 12 L d T FLOPs per token (PaLM's estimate) against the GPU's dense bf16 peak."""
+    """Model-FLOPs utilisation: ModelConfig.flops_per_token against the GPU's dense bf16 peak."""
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     if peak is None:
         return 0.0
-    m = model.config
-    n = sum(p.numel() for p in model.parameters())  # a DTensor's numel is the whole parameter's
-    flops = 6 * n + 12 * m.num_hidden_layers * m.hidden_size * T
-    return flops * tokens_per_s / (peak * world)
+    return model.config.flops_per_token(T) * tokens_per_s / (peak * world)
 
 
 def save_masks(out_dir, l0, masks):

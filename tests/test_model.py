@@ -319,3 +319,16 @@ def test_chunked_cross_entropy_under_autocast():
         out.append((loss.detach(), hh.grad, ww.grad))
     for a, b in zip(*out):  # the same up to the order of bf16 sums
         assert (b - a).abs().max() <= 0.01 * a.abs().max()
+
+
+@pytest.mark.parametrize("kw", [dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=True),
+                                dict(model_type="qwen2", num_key_value_heads=1, attention_bias=True),
+                                dict(model_type="gpt_neox", hidden_act="gelu", attention_bias=True, mlp_bias=True)])
+def test_matmul_params_count_the_linear_weights(kw):
+    # the MFU numerator: every nn.Linear weight once (a tied lm_head is the embedding, counted once), no biases
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, **kw)
+    model = Transformer(cfg)
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert cfg.matmul_params() == sum(linear.values())
+    assert cfg.flops_per_token(16) == 6 * sum(linear.values()) + 12 * 3 * 4 * 8 * 16
