@@ -1,0 +1,213 @@
+"""
+GPU throughput of the two stages as train.py runs them under torchrun: FSDP2 per block and root with bf16 mixed
+precision (fp32 master weights, fp32 AdamW state, fp32 gradient reduction), random weights.
+
+  prune  the source model with L0 masks drawn per micro-batch, the Lagrangian and both optimizers (LLaMA-2-7B)
+  cpt    continued pretraining of the pruned shape, dense (Sheared-LLaMA-2.7B)
+
+for each attention kernel available: SDPA restricted to its FlashAttention backend, SDPA's cuDNN backend, and the
+flash-attn package's flash_attn_func if it is installed. Prints tokens/s, model-FLOPs utilisation (ModelConfig.
+flops_per_token against the GPU's dense bf16 peak) and peak memory; writes bench/results/gpu.json.
+
+    bash bench/gpu.sh                                     # one GPU, about 6 minutes on an H200
+    torchrun --nproc_per_node=1 bench/gpu.py --steps 3 --seq 2048
+    python bench/gpu.py --device cpu --smoke              # the code path on a tiny model, CPU (gloo), for testing
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import model as model_py  # noqa: E402
+from l0 import L0Module, TargetShape, mask_generator  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from speed import SHAPES, TARGETS, pruned_config  # noqa: E402
+from train import PEAK_FLOPS  # noqa: E402
+
+
+def sdpa_backend(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def attention(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return attention
+
+
+def flash_attn_package():
+    from flash_attn import flash_attn_func
+
+    def attention(q, k, v):  # flash_attn_func takes (B, T, nh, hs) and handles GQA itself
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    return attention
+
+
+def kernels(device) -> dict:
+    if device.type != "cuda":
+        return {"sdpa": model_py.attention}
+    from torch.nn.attention import SDPBackend
+    out = {"sdpa-flash": sdpa_backend(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": sdpa_backend(SDPBackend.CUDNN_ATTENTION)}
+    try:
+        out["flash-attn"] = flash_attn_package()
+    except ImportError:
+        print("flash-attn is not installed: its row is skipped (pip install flash-attn)")
+    return out
+
+
+def build(cfg: ModelConfig, device, dtype, checkpointing: bool):
+    """Meta init, FSDP2 per block and root with bf16 compute, then random fp32 weights on the device."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        block.checkpoint = checkpointing
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    torch.manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.normal_(std=0.02) if p.dim() > 1 else local.fill_(1.0)
+    return model
+
+
+def run(stage, cfg, target, args, device, dtype) -> dict:
+    checkpointing = args.checkpointing == "on" or args.checkpointing == "prune" and stage == "prune"
+    model = build(cfg, device, dtype, checkpointing)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=True)  # train.py's, on GPU
+    l0 = l0_opt = None
+    if stage == "prune":
+        l0 = L0Module(cfg, target, warmup_steps=100).to(device)
+        l0_opt = torch.optim.Adam(l0.parameters(), lr=1e-3)
+    B, T, mb = args.batch, args.seq, args.micro_batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
+    y = torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(device)
+
+    def step(n):
+        for i in range(0, B, mb):
+            masks = l0(mask_generator(0, n, i)) if l0 is not None else None
+            (model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none").sum() / (B * T)).backward()
+        if l0 is not None:
+            l0.lagrangian(n).backward()
+            l0.all_reduce_grads_()
+            l0_opt.step()
+            l0_opt.zero_grad(set_to_none=True)
+            l0.constrain_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for n in range(args.warmup):
+        step(n)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for n in range(args.steps):
+        step(args.warmup + n)
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    tps = B * T * dist.get_world_size() / dt
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
+        if device.type == "cuda" else None
+    out = dict(stage=stage, shape=describe(cfg), step_seconds=dt, tokens_per_s=tps,
+               activation_checkpointing=checkpointing,
+               mfu=cfg.flops_per_token(T) * tps / (peak * dist.get_world_size()) if peak else None,
+               peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+    del model, opt, l0, l0_opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def describe(c: ModelConfig) -> str:
+    return (f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads}/{c.num_key_value_heads} "
+            f"heads, intermediate {c.intermediate_size}, {c.matmul_params() / 1e9:.2f}B matmul weights")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--source", default="llama2-7b", help="the pruning stage's model (bench/speed.py SHAPES)")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step per GPU")
+    ap.add_argument("--micro_batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--stages", default="prune,cpt")
+    ap.add_argument("--checkpointing", default="prune", choices=["off", "prune", "on"],
+                    help="activation checkpointing: off, only while pruning (default: 7B with fp32 AdamW state on "
+                         "one 141 GB GPU needs it), or on")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model and sequence: checks the code path only")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu.py: error: no GPU is visible; for a CPU check of the code path use --device cpu --smoke")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    source, target = SHAPES[args.source], TARGETS[args.source]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.smoke:
+        source = replace(source, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=0)
+        target = TargetShape(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=64)
+        args.seq, args.batch, args.steps, args.warmup = 32, 2, 1, 1
+    rows = []
+    for name, attention in kernels(device).items():
+        model_py.attention = attention
+        for stage in args.stages.split(","):
+            cfg = source if stage == "prune" else pruned_config(source, target)
+            try:
+                r = run(stage, cfg, target, args, device, dtype)
+            except torch.OutOfMemoryError as e:
+                if args.smoke:
+                    raise
+                r = dict(stage=stage, shape=describe(cfg), error=f"out of memory: {str(e).splitlines()[0]}")
+                torch.cuda.empty_cache()
+            except Exception as e:  # a kernel that does not support this GPU or shape: record it, go on
+                if args.smoke:
+                    raise
+                r = dict(stage=stage, shape=describe(cfg), error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            r["attention"] = name
+            rows.append(r)
+            if dist.get_rank() == 0:
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+                      flush=True)
+    if dist.get_rank() == 0 and not args.smoke:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(
+            command=" ".join(["bench/gpu.py"] + sys.argv[1:]), date=datetime.date.today().isoformat(),
+            machine=dict(platform=platform.platform(), torch=torch.__version__, world=dist.get_world_size(),
+                         gpu=torch.cuda.get_device_name() if device.type == "cuda" else None),
+            batch=args.batch, micro_batch=args.micro_batch, seq=args.seq, steps=args.steps, rows=rows), indent=1))
+        print(f"wrote {args.out}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
