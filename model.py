@@ -10,8 +10,8 @@ One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families
 - `forward(idx, targets, masks=...)` applies the L0 masks of l0.py (`layer_z [L]`, `head_z [L, H_kv]`,
   `intermediate_z [L, I]`, `hidden_z [d]`); `prune(masks)` folds them and returns a smaller dense model that
   computes the same function as the masked one; `prune_state_dict` does the same on a gathered state dict.
-- With a large vocabulary the loss is computed in chunks of tokens (`LinearCrossEntropy`), so the (tokens, vocab)
-  fp32 logits are never materialised.
+- The loss (`LinearCrossEntropy`) computes the logits' gradient in the forward, in place, and with a large
+  vocabulary a chunk of tokens at a time, so the (tokens, vocab) fp32 logits are never materialised.
 
     from model import Transformer
     model = Transformer.from_pretrained("path/to/hf_dir")       # or a hub id cached locally
@@ -354,53 +354,85 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # cross-entropy over a large vocabulary, without the (tokens, vocab) logits
 
-LOGITS_CHUNK = 2**26  # logits per chunk (256 MB in fp32) when the whole (tokens, vocab) matrix would be larger
+LOGITS_CHUNK = 2**26  # logits per chunk (256 MB in fp32): above this, chunks of tokens and a recomputing backward
+
+
+def _softmax_cross_entropy_(z, t, grad: bool):
+    """Cross-entropy of the fp32 logits z (c, V), overwritten in place: one exp per logit, no (c, V) temporaries.
+    Returns the losses (c,) (0 where t == -100), the log-sum-exp (c,), and, if grad, z turned into
+    softmax(z) - onehot(t), the loss's gradient w.r.t. the logits."""
+    valid = t != -100
+    idx = t.clamp(min=0)[:, None]
+    picked = z.gather(-1, idx)[:, 0]
+    m = z.amax(-1, keepdim=True)
+    e = z.sub_(m).exp_()  # (c, V) exp(z - max)
+    total = e.sum(-1, keepdim=True)
+    lse = (m + total.log())[:, 0]
+    if grad:
+        e.div_(total).scatter_add_(-1, idx, -valid[:, None].to(e.dtype))
+    return torch.where(valid, lse - picked, 0.0), lse
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of logits = h @ weight.T, `chunk` tokens at a time: the (N, V) logits and their fp32
-    copy are never held for the whole batch (Qwen2's 152k vocabulary at 4k tokens is 2.5 GB of fp32 logits per
-    sequence). The backward recomputes each chunk's logits: one more lm_head matmul, as activation checkpointing.
-    Same numbers as F.cross_entropy(lm_head(h).float()): the matmul in the dtype F.linear would use (autocast's,
-    if on; recorded in the forward, so the backward recomputes the very same logits), softmax in fp32.
+    """Per-token cross-entropy of logits = h @ weight.T, as F.cross_entropy(lm_head(h).float()) computes it (the
+    matmul in the dtype F.linear would use: autocast's, if on; softmax in fp32), without its (N, V) intermediates.
 
-    h (N, d), weight (V, d), targets (N,) with -100 = ignore -> (N,) fp32 losses (0 where ignored)."""
+    - N <= chunk tokens: the forward computes the logits once and, when a gradient is wanted, turns them in place into
+      the gradient softmax - onehot, which the backward uses directly: one (N, V) buffer, one exp per logit, and no
+      (N, V) pass in the backward (F.cross_entropy allocates and fills three more (N, V) tensors and exps twice;
+      bench/speed.py: the training step ...).
+    - N > chunk: `chunk` tokens at a time, and the backward recomputes each chunk's logits (one more lm_head matmul,
+      as activation checkpointing does), so the whole (N, V) matrix never exists: Qwen2's 152k vocabulary at 4k
+      tokens is 2.5 GB of fp32 logits per sequence.
+
+    h (N, d), weight (V, d), targets (N,) with -100 = ignore -> (N,) fp32 losses (0 where ignored). grad: will a
+    backward follow (torch.is_grad_enabled() and an input requires grad; a Function's forward cannot tell)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk: int):
+    def forward(ctx, h, weight, targets, chunk: int, grad: bool = True):
         dev = h.device.type
         ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 (fp64 for gradcheck)
-        loss = torch.empty(len(h), device=h.device, dtype=dtype)
-        lse = torch.empty_like(loss)
+        ctx.chunk, ctx.stored = chunk, grad and len(h) <= chunk
         with torch.autocast(dev, enabled=False):
             w = weight.to(ctx.mm_dtype)
+            if ctx.stored:
+                g = (h.to(ctx.mm_dtype) @ w.T).to(dtype)  # (N, V), ours to overwrite (a new tensor in any dtype)
+                loss, _ = _softmax_cross_entropy_(g, targets, grad=True)
+                ctx.save_for_backward(h, weight, targets, g)
+                return loss
+            loss = torch.empty(len(h), device=h.device, dtype=dtype)
+            lse = torch.empty_like(loss)
             for i in range(0, len(h), chunk):
-                logits = (h[i:i + chunk].to(ctx.mm_dtype) @ w.T).to(dtype)  # (c, V)
-                t = targets[i:i + chunk]
-                lse[i:i + chunk] = torch.logsumexp(logits, -1)
-                picked = logits.gather(-1, t.clamp(min=0)[:, None])[:, 0]
-                loss[i:i + chunk] = torch.where(t != -100, lse[i:i + chunk] - picked, 0.0)
+                z = (h[i:i + chunk].to(ctx.mm_dtype) @ w.T).to(dtype)  # (c, V)
+                loss[i:i + chunk], lse[i:i + chunk] = _softmax_cross_entropy_(z, targets[i:i + chunk], grad=False)
         ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk = chunk
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        h, weight, targets, lse = ctx.saved_tensors
-        mm = ctx.mm_dtype
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+        h, weight, targets, saved = ctx.saved_tensors
+        mm, c = ctx.mm_dtype, ctx.chunk
+        s = torch.where(targets != -100, grad, 0.0)[:, None]  # (N, 1) d total / d loss_i
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(mm)
-            for i in range(0, len(h), ctx.chunk):
-                hc, t = h[i:i + ctx.chunk].to(mm), targets[i:i + ctx.chunk]
-                g = torch.exp((hc @ w.T).to(lse.dtype) - lse[i:i + ctx.chunk, None])  # softmax (c, V)
-                g.scatter_add_(-1, t.clamp(min=0)[:, None], torch.full_like(g[:, :1], -1.0))
-                g = (g * torch.where(t != -100, grad[i:i + ctx.chunk], 0.0)[:, None]).to(mm)  # dloss/dlogits
-                dh[i:i + ctx.chunk] = (g @ w).to(h.dtype)
+            if ctx.stored:
+                g = saved  # softmax - onehot (N, V)
+                if g.dtype == mm:  # the per-token scale goes on the (N, d) sides: no pass over (N, V)
+                    return ((g @ w) * s).to(h.dtype), (g.T @ (h.to(mm) * s)).to(weight.dtype), None, None, None
+                g = (g * s).to(mm)
+                return (g @ w).to(h.dtype), (g.T @ h.to(mm)).to(weight.dtype), None, None, None
+            lse = saved
+            dh = torch.empty_like(h)
+            dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+            for i in range(0, len(h), c):
+                hc, t = h[i:i + c].to(mm), targets[i:i + c]
+                g = (hc @ w.T).to(lse.dtype).sub_(lse[i:i + c, None]).exp_()  # softmax (c, V), in place
+                g.scatter_add_(-1, t.clamp(min=0)[:, None], -(t != -100)[:, None].to(g.dtype))
+                g = (g * s[i:i + c]).to(mm)  # dloss/dlogits
+                dh[i:i + c] = (g @ w).to(h.dtype)
                 dw += (g.T @ hc).to(dw.dtype)  # accumulated over chunks in fp32 (or more)
-        return dh, dw.to(weight.dtype), None, None
+        return dh, dw.to(weight.dtype), None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -459,13 +491,10 @@ class Transformer(nn.Module):
         x = self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)
-        V = self.config.vocab_size
-        if B * T * V > LOGITS_CHUNK:
-            loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                            max(1, LOGITS_CHUNK // V))
-        else:
-            logits = self.lm_head(x).float()  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        w = self.lm_head.weight
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(),
+                                        max(1, LOGITS_CHUNK // self.config.vocab_size), grad)  # (B * T,)
         if reduction == "none":
             return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
         return loss.sum() / (targets != -100).sum().clamp(min=1)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import make_hf
 
@@ -267,16 +268,18 @@ def test_gguf(family, tmp_path):
         convert.load_hf(str(tmp_path / "l31.gguf"))
 
 
-def test_chunked_cross_entropy_matches_full_logits(monkeypatch, tmp_path):
-    """Above model.LOGITS_CHUNK logits, the loss is computed a chunk of tokens at a time (LinearCrossEntropy):
-    the same per-token losses and the same gradients as the full (tokens, vocab) logits."""
+def test_cross_entropy_matches_full_logits(monkeypatch, tmp_path):
+    """LinearCrossEntropy in both of its modes, the gradient stored by the forward (up to model.LOGITS_CHUNK logits)
+    and chunks of tokens with a recomputing backward (above): the per-token losses and gradients of
+    F.cross_entropy on the full (tokens, vocab) logits, and no gradient work when none is wanted."""
     import model as model_py
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (37,), generator=g)
     t[[0, 5, 36]] = -100
-    assert torch.autograd.gradcheck(lambda h, w: model_py.LinearCrossEntropy.apply(h, w, t, 8), (h, w))
+    for chunk in (8, 37):  # chunked; stored
+        assert torch.autograd.gradcheck(lambda h, w: model_py.LinearCrossEntropy.apply(h, w, t, chunk), (h, w))
 
     hf = make_hf("qwen2_untied", tmp_path)
     ours = Transformer.from_pretrained(str(tmp_path))
@@ -284,41 +287,51 @@ def test_chunked_cross_entropy_matches_full_logits(monkeypatch, tmp_path):
     x, y = idx[:, :-1], idx[:, 1:].clone()
     y[1, :4] = -100
     masks = {"hidden_z": (torch.arange(48) % 5 != 0).float(), "intermediate_z": torch.rand(3, 64, generator=g)}
+    weights = torch.linspace(0.5, 2, y.numel()).view_as(y)  # uneven per-token weights
 
-    def run():
+    def run(reference=False):
         ours.zero_grad()
-        tok = ours(x, y, masks=masks, reduction="none")
-        (tok * torch.linspace(0.5, 2, tok.numel()).view_as(tok)).sum().backward()  # uneven per-token weights
+        if reference:
+            logits = ours(x, masks=masks).float()
+            tok = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view_as(y)
+        else:
+            tok = ours(x, y, masks=masks, reduction="none")
+        (tok * weights).sum().backward()
         return tok.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
 
-    full, full_grads = run()
-    monkeypatch.setattr(model_py, "LOGITS_CHUNK", 7 * hf.config.vocab_size)  # chunks of 7 tokens, the last one short
-    chunked, chunked_grads = run()
-    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
-    assert chunked[1, :4].eq(0).all()
-    for n in full_grads:
-        torch.testing.assert_close(chunked_grads[n], full_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    ref, ref_grads = run(reference=True)
+    for chunk in (model_py.LOGITS_CHUNK, 7 * hf.config.vocab_size):  # stored; chunks of 7 tokens, the last short
+        monkeypatch.setattr(model_py, "LOGITS_CHUNK", chunk)
+        tok, grads = run()
+        torch.testing.assert_close(tok, ref, atol=1e-6, rtol=1e-6)
+        assert tok[1, :4].eq(0).all()
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{chunk} {n}: {m}")
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, y, masks=masks, reduction="none"), ref, atol=1e-6, rtol=1e-6)
 
 
-def test_chunked_cross_entropy_under_autocast():
-    """Under bf16 autocast the chunks' logits are recomputed in the backward exactly as in the forward."""
+def test_cross_entropy_under_autocast():
+    """Under bf16 autocast the logits are bf16 matmuls, as F.linear's; the chunks' logits are recomputed in the
+    backward exactly as in the forward."""
     import model as model_py
     g = torch.Generator().manual_seed(0)
     h = torch.randn(40, 32, generator=g)
     w = torch.randn(300, 32, generator=g) * 3  # large logits: bf16 vs fp32 recomputation would be ~9% off
     t = torch.randint(0, 300, (40,), generator=g)
     out = []
-    for chunked in (False, True):
+    for chunk in (0, 7, 40):  # F.cross_entropy on the full logits; chunks of 7 tokens; the gradient stored
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            if chunked:
-                loss = model_py.LinearCrossEntropy.apply(hh, ww, t, 7)
+            if chunk:
+                loss = model_py.LinearCrossEntropy.apply(hh, ww, t, chunk)
             else:
                 loss = torch.nn.functional.cross_entropy((hh @ ww.T).float(), t, reduction="none")
         loss.sum().backward()
         out.append((loss.detach(), hh.grad, ww.grad))
-    for a, b in zip(*out):  # the same up to the order of bf16 sums
-        assert (b - a).abs().max() <= 0.01 * a.abs().max()
+    for other in out[1:]:
+        for a, b in zip(out[0], other):  # the same up to the order of bf16 sums
+            assert (b - a).abs().max() <= 0.01 * a.abs().max()
 
 
 @pytest.mark.parametrize("kw", [dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=True),
