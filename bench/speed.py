@@ -21,8 +21,8 @@ Rows (random weights, shared by both implementations, one AdamW over them, so on
   roofline   model FLOP/s of the dense and pruning steps (ModelConfig.flops_per_token: 6 per matmul weight
              + 12 L H hs T per token, PaLM's count) over the FLOP/s of
              a large matmul in the step's dtype, measured interleaved with them
-Peak memory: each candidate once more in a fresh process (CPU: peak RSS over the RSS after setup; GPU: peak
-allocated), unless --no-memory.
+Peak memory of the train, forward and prune candidates: each once more in a fresh process (CPU: the process's
+peak resident set during two calls, model and optimizer state included; GPU: peak allocated), unless --no-memory.
 """
 
 import argparse
@@ -57,6 +57,9 @@ SHAPES = {
                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
     "llama-2.7b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2560, intermediate_size=6912,
                               num_hidden_layers=32, num_attention_heads=20, num_key_value_heads=20),
+    # for the tests: every row in seconds
+    "tiny": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
 TARGETS = {  # about 40% of the weights: the compaction row and the pruning row's target
     "smollm2-135m": TargetShape(hidden_size=384, num_hidden_layers=20, num_attention_heads=6, num_key_value_heads=2,
@@ -67,6 +70,8 @@ TARGETS = {  # about 40% of the weights: the compaction row and the pruning row'
                              intermediate_size=6912),
     "llama-2.7b": TargetShape(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                               intermediate_size=5504),
+    "tiny": TargetShape(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=64),
 }
 
 
@@ -306,7 +311,7 @@ def memory_probe(shape, name, args, device, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--shapes", default="smollm2-135m,llama-0.5b", help=f"comma-separated, of {', '.join(SHAPES)}")
-    ap.add_argument("--rows", default="train,forward,prune,compact")
+    ap.add_argument("--rows", default="train,forward,adamw,prune,compact")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5, help="timed calls of each candidate (plus one warm-up)")
@@ -368,7 +373,8 @@ def main():
                     row["ratio_compiled"] = t[f"{group}/transformers"] / t[f"{group}/ours+compile"]
                     row["ratio_compiled_range"] = spread(f"{group}/transformers", f"{group}/ours+compile")
             if args.memory:
-                row["peak_memory_gb"] = {k: probe(shape, k) for k in names if per_token(k)}
+                # (not for compact: its probe holds the source model beside the compacted one)
+                row["peak_memory_gb"] = {k: probe(shape, k) for k in names if per_token(k) and group != "compact"}
             results.append(row)
             print("   " + describe(row), flush=True)
     out = Path(args.out or ROOT / "bench" / "results" / f"speed-{device.type}.json")
