@@ -1,7 +1,7 @@
 """
 What the data scheduling buys: the demo (SmolLM2-135M pruned to the demo's target shape on the demo corpus, then
 continued pretraining) run once per domain-weighting method and seed at equal token budgets, every model scored on
-the same 16,384 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
+the same 8,192 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
 machine), bench/results/quality.md (the tables) and docs/quality.png (the plot).
 
     python bench/quality.py                                  # 4 methods x 2 seeds, 60 + 40 steps: ~1.5 h on 2 cores
@@ -76,11 +76,11 @@ def main():
     ap.add_argument("--cpt_steps", type=int, default=40)
     ap.add_argument("--eval_interval", type=int, default=3, help="weight updates: every 3 steps gives +dy the 11 "
                     "evaluations its scaling-law fit needs before the end of a 40-step stage")
-    ap.add_argument("--save_interval", type=int, default=20)
+    ap.add_argument("--save_interval", type=int, default=30, help="a checkpoint of the pruning stage is 1.6 GB")
     ap.add_argument("--seq_len", type=int, default=128, help="scoring: sequence length")
     ap.add_argument("--batch_size", type=int, default=8, help="scoring: sequences per batch")
-    ap.add_argument("--batches", type=int, default=16, help="scoring: batches per domain (16 x 8 x 128 = half "
-                    "the demo's 32,768-token validation split; the runs' own evaluations use its first 1,024)")
+    ap.add_argument("--batches", type=int, default=8, help="scoring: batches per domain (8 x 8 x 128 = a quarter "
+                    "of the demo's 32,768-token validation split; the runs' own evaluations use its first 1,024)")
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
