@@ -387,7 +387,6 @@ class Run:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.domains = self.bins.domains
-        D = len(self.domains)
         p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
         self.reference_loss = self.per_domain("reference_loss", cfg.reference_loss)
         if min(p) < 0 or sum(p) <= 0:

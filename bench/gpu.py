@@ -130,10 +130,7 @@ def run(stage, cfg, target, args, device, dtype) -> dict:
                activation_checkpointing=checkpointing,
                mfu=cfg.flops_per_token(T) * tps / (peak * dist.get_world_size()) if peak else None,
                peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-    del model, opt, l0, l0_opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out  # the model and optimizer go with this frame
 
 
 def describe(c: ModelConfig) -> str:
@@ -193,6 +190,8 @@ def main():
                 if args.smoke:
                     raise
                 r = dict(stage=stage, shape=describe(cfg), error=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             r["attention"] = name
             rows.append(r)
             if dist.get_rank() == 0:

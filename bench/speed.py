@@ -14,6 +14,7 @@ Rows (random weights, shared by both implementations, one AdamW over them, so on
   train      forward + backward + AdamW step (the AdamW train.py uses), ours vs transformers' LlamaForCausalLM (SDPA
              attention); with --compile also ours with torch.compile'd blocks (train.py --compile=true)
   forward    forward with the loss, no gradients, ours vs transformers'
+  loss       the lm_head and the loss alone, forward and backward: our LinearCrossEntropy vs F.cross_entropy
   adamw      the optimizer step alone over the model's weights: torch's for-loop AdamW vs its fused kernel
   prune      masked step (masks drawn per micro-batch, Lagrangian, L0 optimizer) vs the dense step, 2 micro-batches
   compact    forward of the compacted model (pruned to the target shape) vs its source, next to the ratio of the
@@ -30,7 +31,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,11 +38,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from l0 import L0Module, TargetShape, mask_generator  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import LinearCrossEntropy, ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
     # the embedded default
@@ -260,6 +261,26 @@ def candidates(shape: str, args, device, dtype) -> dict:
                 torch.mm(a, b)
         return mm
 
+    def loss(ours):
+        def setup():  # the lm_head and the loss alone, forward and backward, on random final hidden states
+            g = torch.Generator().manual_seed(1)
+            h = torch.randn(B * T, cfg.hidden_size, generator=g).to(device, dtype).requires_grad_()
+            w = (torch.randn(V, cfg.hidden_size, generator=g) * 0.02).to(device, dtype).requires_grad_()
+            t = torch.randint(0, V, (B * T,), generator=g).to(device)
+            import model as model_py
+            chunk = max(1, model_py.LOGITS_CHUNK // V)
+
+            def step():
+                h.grad = w.grad = None
+                with autocast:
+                    if ours:
+                        out = LinearCrossEntropy.apply(h, w, t, chunk, True)
+                    else:
+                        out = F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
+                out.sum().backward()
+            return step
+        return setup
+
     def adamw(fused):
         def setup():
             model = base()[0]
@@ -279,6 +300,7 @@ def candidates(shape: str, args, device, dtype) -> dict:
     out = {f"{row}/{name}": (make(kind), tok, row) for row, make in (("train", train_step), ("forward", forward))
            for name, kind in kinds.items()}
     return out | {
+        "loss/ours": (loss(True), tok, "loss"), "loss/F.cross_entropy": (loss(False), tok, "loss"),
         "adamw/for-loop": (adamw(False), n_params, "adamw"), "adamw/fused": (adamw(True), n_params, "adamw"),
         "prune/dense": (dense_accum, tok, "prune"), "prune/masked": (prune_step, tok, "prune"),
         "prune/matmul": (matmul, mm_flops, "prune"),
@@ -311,7 +333,7 @@ def memory_probe(shape, name, args, device, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--shapes", default="smollm2-135m,llama-0.5b", help=f"comma-separated, of {', '.join(SHAPES)}")
-    ap.add_argument("--rows", default="train,forward,adamw,prune,compact")
+    ap.add_argument("--rows", default="train,forward,loss,adamw,prune,compact")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5, help="timed calls of each candidate (plus one warm-up)")
@@ -366,6 +388,9 @@ def main():
                 row["weight_ratio"] = cfg.matmul_params() / pruned_config(cfg, TARGETS[shape]).matmul_params()
             elif group == "adamw":
                 row["ratio"] = t["adamw/for-loop"] / t["adamw/fused"]
+            elif group == "loss":
+                row["ratio"] = t["loss/F.cross_entropy"] / t["loss/ours"]
+                row["ratio_range"] = spread("loss/F.cross_entropy", "loss/ours")
             else:  # our tokens/s over theirs
                 row["ratio"] = t[f"{group}/transformers"] / t[f"{group}/ours"]
                 row["ratio_range"] = spread(f"{group}/transformers", f"{group}/ours")
@@ -374,7 +399,8 @@ def main():
                     row["ratio_compiled_range"] = spread(f"{group}/transformers", f"{group}/ours+compile")
             if args.memory:
                 # (not for compact: its probe holds the source model beside the compacted one)
-                row["peak_memory_gb"] = {k: probe(shape, k) for k in names if per_token(k) and group != "compact"}
+                row["peak_memory_gb"] = {k: probe(shape, k) for k in names
+                                         if per_token(k) and group in ("train", "forward", "prune")}
             results.append(row)
             print("   " + describe(row), flush=True)
     out = Path(args.out or ROOT / "bench" / "results" / f"speed-{device.type}.json")
@@ -414,6 +440,8 @@ def describe(row) -> str:
                  f" masked {100 * row['roofline']['prune/masked']:.1f}%")
     elif "speedup" in row:
         extra = f"compacted forward {row['speedup']:.2f}x faster for {row['weight_ratio']:.2f}x fewer matmul weights"
+    elif row["group"] == "loss":
+        extra = f"F.cross_entropy / ours: {row['ratio']:.3f}x"
     elif row["group"] == "adamw":
         tps = ", ".join(f"{k.split('/')[1]} {1e3 * v:.0f} ms" for k, v in row["seconds"].items())
         extra = f"for-loop / fused: {row['ratio']:.2f}x"

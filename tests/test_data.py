@@ -8,7 +8,6 @@ import gzip
 import io
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
