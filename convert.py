@@ -317,7 +317,6 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary model directory
     try:
         _save_weights(ours_to_hf(sd, cfg), tmp, _parse_size(max_shard_size))
         hf = cfg.to_hf()
@@ -329,6 +328,7 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
         if not os.path.exists(os.path.join(tmp, "generation_config.json")):
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        _ordinary_modes(tmp)
         if os.path.exists(out):  # --force: move the old one aside only once the new one is complete
             old = tmp + "-old"
             os.rename(out, old)
@@ -338,6 +338,19 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
             os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ordinary_modes(path: str):
+    """mkdtemp makes a private directory and safetensors writes 0600 files: give the export the modes any new file
+    gets here (0666 / 0777 less the umask), like the rest of the run directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _copy_tokenizer(src: str | None, out: str):

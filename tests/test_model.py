@@ -127,6 +127,21 @@ def test_sharded_safetensors_and_bin(tmp_path):
         torch.testing.assert_close(Transformer.from_pretrained(str(tmp_path / "bin"))(idx), hf(idx).logits)
 
 
+def test_export_file_modes(tmp_path):
+    # the export's files get the modes any new file gets (safetensors alone would write 0600)
+    hf = make_hf("llama", tmp_path / "src")
+    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    old = os.umask(0o022)
+    try:
+        convert.export_hf(ours, str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    for name in os.listdir(tmp_path / "out"):
+        assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o644, name
+    del hf
+
+
 def test_export_refuses_to_overwrite(tmp_path):
     make_hf("qwen2", tmp_path / "src")
     ours = Transformer.from_pretrained(str(tmp_path / "src"))
