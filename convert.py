@@ -19,13 +19,15 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
+import struct
 import sys
 import tempfile
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer
@@ -118,6 +120,9 @@ def _resolve(src: str) -> str:
         raise ConvertError(f"{src} is neither a model directory nor a .gguf file")
     if src.startswith((".", "/")) or src.count("/") != 1:
         raise ConvertError(f"no such model directory: {src} (and it is not a hub id of the form owner/name)")
+    if os.path.isdir(src.split("/")[0]):  # models/typo: a local path, not the hub id owner "models"
+        raise ConvertError(f"no such model directory: {src} (in {src.split('/')[0]}/: "
+                           f"{', '.join(sorted(os.listdir(src.split('/')[0]))[:8]) or 'nothing'})")
     from huggingface_hub import snapshot_download
     files = ["*.json", "*.model", "*.txt", "*.jinja"]
     try:
@@ -139,15 +144,23 @@ def _read_weights(path: str) -> dict:
     sd = {}
     if files:
         for fn in files:
-            with safe_open(fn, framework="pt") as f:
-                for k in f.keys():
-                    sd[k] = f.get_tensor(k)
+            try:
+                with safe_open(fn, framework="pt") as f:
+                    for k in f.keys():
+                        sd[k] = f.get_tensor(k)
+            except (SafetensorError, OSError) as e:
+                raise ConvertError(f"{fn} is not a readable safetensors file ({str(e).splitlines()[0]}); it may "
+                                   "be truncated or corrupted: download or export it again") from None
         return sd
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
         raise ConvertError(f"{path} has no *.safetensors or pytorch_model*.bin weights")
     for fn in files:
-        sd.update(torch.load(fn, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            sd.update(torch.load(fn, map_location="cpu", weights_only=True, mmap=True))
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ConvertError(f"{fn} is not a readable PyTorch weights file ({str(e).splitlines()[0]}); it may "
+                               "be truncated or corrupted: download it again") from None
     return sd
 
 
@@ -246,7 +259,13 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
     """SRC (HF directory, hub id, or .gguf) -> (ModelConfig, state dict in our names, `dtype`)."""
     path = _resolve(src)
     if path.endswith(".gguf"):
-        cfg, sd = _read_gguf(path)
+        try:
+            cfg, sd = _read_gguf(path)
+        except ConvertError:
+            raise
+        except (ValueError, KeyError, IndexError, TypeError, struct.error, OSError) as e:
+            raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               "it may be truncated or corrupted: download it again") from None
     else:
         try:
             with open(os.path.join(path, "config.json")) as f:
@@ -422,6 +441,10 @@ def main(argv=None):
     except (ConvertError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # export_hf writes to a temporary directory: nothing partial is left
+        out = getattr(args, "out", None)
+        print("convert.py: interrupted" + (f"; {out} was not written or changed" if out else ""), file=sys.stderr)
+        sys.exit(130)
     cfg = model.config
     print(f"wrote {args.out}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, "

@@ -155,12 +155,22 @@ def test_export_refuses_to_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "bad_weights", "bad_shape", "not_a_dir",
-                                  "out_is_file"])
+                                  "out_is_file", "truncated_safetensors", "truncated_gguf", "local_typo"])
 def test_cli_errors(case, tmp_path):
     src = tmp_path / "src"
-    if case != "missing":
-        make_hf("llama", src)
-    if case == "no_config":
+    if case not in ("missing", "local_typo"):
+        hf = make_hf("llama", src)
+    if case == "local_typo":  # a relative path whose first part exists here: not a hub id
+        src = "tests/no-such-model"
+    elif case == "truncated_safetensors":
+        data = (src / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif case == "truncated_gguf":
+        write_gguf(hf, tmp_path / "m.gguf")
+        data = (tmp_path / "m.gguf").read_bytes()
+        (tmp_path / "m.gguf").write_bytes(data[:len(data) * 3 // 4])
+        src = tmp_path / "m.gguf"
+    elif case == "no_config":
         (src / "config.json").unlink()
     elif case == "bad_json":
         (src / "config.json").write_text("{not json")
@@ -181,6 +191,24 @@ def test_cli_errors(case, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("convert.py: error:"), r.stderr
     assert out.read_text() == "precious" if case == "out_is_file" else not out.exists()
+    if case.startswith("truncated"):
+        assert "truncated or corrupted" in lines[0]
+    if case == "local_typo":
+        assert "no such model directory: tests/no-such-model" in lines[0] and "hub" not in lines[0]
+
+
+def test_cli_interrupt_leaves_nothing(tmp_path):
+    # Ctrl-C during an export: one line, exit 130, and no OUT (nor a temporary directory) left behind
+    make_hf("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    code = (f"import sys, convert; sys.argv = ['convert.py', 'to-hf', {str(tmp_path / 'src')!r}, {str(out)!r}]\n"
+            "def stop(*a, **k): raise KeyboardInterrupt\n"
+            "convert._copy_tokenizer = stop\n"  # interrupted midway: the weights are written, the rest is not
+            "convert.main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 130
+    assert r.stderr.strip().splitlines() == [f"convert.py: interrupted; {out} was not written or changed"]
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 def test_cli_help():
