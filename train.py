@@ -31,6 +31,7 @@ directories), masks.pt (final masks, log_alpha and lambdas), done.json once fini
 import ast
 import datetime
 import difflib
+import fcntl
 import json
 import math
 import os
@@ -981,6 +982,30 @@ def report_main(argv) -> int:
     return 0
 
 
+def lock_out_dir(out_dir: str, master: bool):
+    """An exclusive lock on out_dir/.lock for the whole run, so that two runs never write one out_dir. flock: the
+    OS releases it when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open
+    file (keep it) on rank 0; every rank raises if another process holds it."""
+    held = f = None
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            held = f.read().strip() or "?"
+            f.close()
+    held = broadcast_object(held)
+    if held is not None:
+        raise ConfigError(f"{out_dir} is in use by another train.py run (pid {held}); wait for it to finish, or "
+                          "use another out_dir")
+    return f
+
+
 def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
     """'fresh' | 'resume' | 'done'. Refuses an out_dir holding another run unless overwrite."""
     path = os.path.join(cfg.out_dir, "config.json")
@@ -1023,6 +1048,7 @@ def main(argv=None):
     try:
         cfg = load_config(argv)
         run = Run(cfg)
+        lock = lock_out_dir(cfg.out_dir, run.master)  # noqa: F841 (held until the process ends)
         status = prepare_out_dir(cfg, run.master)
         if status == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")

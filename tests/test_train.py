@@ -204,6 +204,21 @@ def test_other_config_in_out_dir_is_refused(setup, tmp_path, capsys):
     assert train.main(base + out + ["--prune_lr=0.5", "--overwrite=true"]) == 0  # asked to start over
 
 
+def test_out_dir_in_use_is_refused(setup, tmp_path, capsys):
+    # a second run on the same out_dir while the first holds its lock: refused, nothing touched
+    import fcntl
+    root, base, ref = setup
+    out = [f"--out_dir={tmp_path / 'run'}", "--stop_at=2"]
+    assert train.main(base + out) == 0
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with open(tmp_path / "run" / ".lock", "a+") as f:  # as a running train.py holds it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--stop_at=4"]) == 2
+        assert "is in use by another train.py run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--stop_at=4"]) == 0  # released: it resumes
+
+
 def test_shipped_configs_load():
     for name in ("prune_llama2", "prune_qwen2", "prune_pythia", "tiny"):
         cfg = train.load_config([str(ROOT / "config" / f"{name}.py")])
