@@ -1,10 +1,10 @@
 """
 What the data scheduling buys: the demo (SmolLM2-135M pruned to the demo's target shape on the demo corpus, then
 continued pretraining) run once per domain-weighting method and seed at equal token budgets, every model scored on
-the same 8,192 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
+the same 4,096 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
 machine), bench/results/quality.md (the tables) and docs/quality.png (the plot).
 
-    python bench/quality.py                                  # 4 methods x 2 seeds, 60 + 40 steps: ~1.5 h on 2 cores
+    python bench/quality.py                                  # 4 methods x 2 seeds, 60 + 40 steps: ~70 min on 2 cores
     python bench/quality.py --methods constant,dro+eval --seeds 1 --prune_steps 20 --cpt_steps 20
 
 Each run is `train.py config/demo.py` with --domain_weighting, --seed and the budget overridden, in
@@ -42,7 +42,8 @@ def train_run(args, method: str, seed: int) -> Path:
     cmd = [sys.executable, str(ROOT / "train.py"), args.config, f"--init_from={args.model}",
            f"--data_dir={args.data_dir}", f"--out_dir={d}", f"--domain_weighting={method}", f"--seed={seed}",
            f"--prune_steps={args.prune_steps}", f"--cpt_steps={args.cpt_steps}",
-           f"--eval_interval={args.eval_interval}", f"--save_interval={args.save_interval}", "--keep_checkpoints=1"]
+           f"--eval_interval={args.eval_interval}", f"--save_interval={args.save_interval}", "--keep_checkpoints=1",
+           *args.extra.split()]
     if not (d / "done.json").is_file():
         print(f"\n== {method}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
@@ -77,10 +78,14 @@ def main():
     ap.add_argument("--eval_interval", type=int, default=3, help="weight updates: every 3 steps gives +dy the 11 "
                     "evaluations its scaling-law fit needs before the end of a 40-step stage")
     ap.add_argument("--save_interval", type=int, default=30, help="a checkpoint of the pruning stage is 1.6 GB")
+    ap.add_argument("--extra", default="--prune_micro_batch_size=4 --eval_batches=1",
+                    help="more train.py overrides for every run (default: one micro-batch per pruning step, and "
+                    "the weights updated from 4 validation sequences per domain: half the demo's evaluation cost)")
     ap.add_argument("--seq_len", type=int, default=128, help="scoring: sequence length")
     ap.add_argument("--batch_size", type=int, default=8, help="scoring: sequences per batch")
-    ap.add_argument("--batches", type=int, default=8, help="scoring: batches per domain (8 x 8 x 128 = a quarter "
-                    "of the demo's 32,768-token validation split; the runs' own evaluations use its first 1,024)")
+    ap.add_argument("--batches", type=int, default=4, help="scoring: batches per domain (4 x 8 x 128 = the first "
+                    "4,096 tokens of each domain's validation split, the same for every model; the runs' own "
+                    "evaluations use its first 512)")
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
@@ -146,7 +151,7 @@ def main():
                      cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads()),
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         budget=dict(prune_steps=args.prune_steps, cpt_steps=args.cpt_steps, eval_interval=args.eval_interval,
-                    config=args.config),
+                    config=args.config, extra=args.extra),
         scoring=dict(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches),
         domains=bins.domains, source=source, runs=runs, table=table)
     results = Path(args.results)
@@ -163,7 +168,8 @@ def markdown(res, base) -> str:
     tokens = res["scoring"]["batches"] * res["scoring"]["batch_size"] * res["scoring"]["seq_len"]
     lines = [f"Validation loss (nats/token) on {tokens:,} validation tokens per domain, mean over {n_seeds} "
              f"seed(s) (each seed's value in brackets for mean and worst). Budget: {res['budget']['prune_steps']} "
-             f"pruning + {res['budget']['cpt_steps']} continued-pretraining steps of the demo config. "
+             f"pruning + {res['budget']['cpt_steps']} continued-pretraining steps of the demo config, weights "
+             f"updated every {res['budget']['eval_interval']} steps, `{res['budget'].get('extra', '')}`. "
              f"`{res['command']}`, commit {res['commit']}, {res['date']}, {res['machine']['cpus']} CPUs, "
              f"torch {res['machine']['torch']}.", ""]
     src = res["source"]
