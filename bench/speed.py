@@ -148,10 +148,7 @@ def candidates(shape: str, args, device, dtype) -> dict:
 
     def base():
         if "model" not in state:
-            state["model"] = make_model(cfg, device, torch.float32 if args.autocast else dtype)
-            if args.compile:  # as train.py --compile=true: each block
-                for block in state["model"].model.layers:
-                    block.compile()
+            state["model"] = make_model(cfg, device, torch.float32 if args.autocast else dtype)  # eager
             cpu = device.type == "cpu"  # the optimizer train.py uses
             state["opt"] = torch.optim.AdamW(state["model"].parameters(), lr=1e-5, weight_decay=0.0,
                                              fused=cpu or None, foreach=None if cpu else True)
