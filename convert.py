@@ -17,6 +17,7 @@ fused query_key_value (per head [q | k | v]) is split into q_proj / k_proj / v_p
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -222,12 +223,67 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
     return cfg, sd
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint of a train.py run directory (state.pt is written last)."""
+# -----------------------------------------------------------------------------
+# train.py checkpoints: RUN/checkpoints/<k>-<stage>-<step>/ holds the DCP shards and .metadata, state.pt (loop
+# state) and manifest.json (each file's size and sha256). All are written in a hidden .tmp- directory that is
+# renamed into place once complete, so a listed checkpoint was whole when written; the manifest catches what
+# happened to it since (a truncated copy, a bad disk block, a file someone replaced).
+
+MANIFEST = "manifest.json"
+
+
+def hash_files(paths: list[str]) -> dict[str, tuple[int, str]]:
+    """{path: (size, sha256 hex)}, files hashed in parallel threads (hashlib releases the GIL on large reads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
+    with ThreadPoolExecutor(max(1, min(8, len(paths)))) as ex:
+        return dict(zip(paths, ex.map(one, paths)))
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    """A run's checkpoint directories, oldest first (hidden ones are unfinished saves or set aside as damaged)."""
     root = os.path.join(run_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if not d.startswith(".") and
-                  os.path.isfile(os.path.join(root, d, "state.pt"))) if os.path.isdir(root) else []
-    return os.path.join(root, done[-1]) if done else None
+    names = sorted(d for d in os.listdir(root) if not d.startswith(".") and (
+        os.path.isfile(os.path.join(root, d, MANIFEST)) or os.path.isfile(os.path.join(root, d, "state.pt")))
+    ) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names]
+
+
+def check_checkpoint(ckpt: str, rank: int = 0, world: int = 1) -> str | None:
+    """None if every file in ckpt's manifest has its recorded size (all checked) and sha256 (this rank hashes
+    every world-th file, so several ranks share the reading); otherwise what is wrong, in a few words."""
+    path = os.path.join(ckpt, MANIFEST)
+    if not os.path.isfile(path):
+        return None  # written before checkpoints had manifests: nothing to check against
+    try:
+        with open(path) as f:
+            files = {str(k): (int(v[0]), str(v[1])) for k, v in json.load(f)["files"].items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, _) in sorted(files.items()):
+        p = os.path.join(ckpt, name)
+        if not os.path.isfile(p):
+            return f"{name} is missing"
+        if os.path.getsize(p) != size:
+            return f"{name} has {os.path.getsize(p)} bytes, the manifest says {size}"
+    mine = sorted(files)[rank::world]
+    for p, (_, digest) in hash_files([os.path.join(ckpt, n) for n in mine]).items():
+        if digest != files[os.path.basename(p)][1]:
+            return f"{os.path.basename(p)} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest checkpoint of a run that passes check_checkpoint (damaged newer ones are reported on stderr)."""
+    for ckpt in reversed(checkpoints(run_dir)):
+        problem = check_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is damaged ({problem}); trying the one before it", file=sys.stderr)
+    return None
 
 
 def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
@@ -239,7 +295,7 @@ def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
     from model import prune_state_dict
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        raise ConvertError(f"{run_dir} holds no complete checkpoint yet")
+        raise ConvertError(f"{run_dir} holds no complete, undamaged checkpoint")
     state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
     cfg = ModelConfig(**state["model_config"])
     with torch.device("meta"):

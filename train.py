@@ -59,6 +59,7 @@ class TrainConfig:
     data_dir: str = "data/demo"  # written by prepare.py
     out_dir: str = "out/run"
     overwrite: bool = False  # start over in an out_dir that holds a run with another config
+    allow_changes: str = ""  # comma-separated keys that may differ from the config of the run being resumed
     seed: int = 1337
     # target shape for pruning; 0 keeps the source's (query heads follow from the source's group size)
     target_hidden_size: int = 0
@@ -112,9 +113,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
 
 
-# fields that may change between the run that wrote out_dir and the one resuming it
-RESUMABLE = {"overwrite", "log_interval", "save_interval", "keep_checkpoints", "stop_at", "wandb_project", "compile",
+# fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
+RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at", "wandb_project", "compile",
              "activation_checkpointing"}
+# fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
+FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
+                   "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
+                   "target_intermediate_size"}
 
 
 class ConfigError(ValueError):
@@ -302,30 +307,114 @@ def checkpoint_name(stage: str, step: int) -> str:
     return f"{STAGES.index(stage)}-{stage}-{step:08d}"
 
 
-def save_checkpoint(out_dir, keep, rank, model, opt, state: dict):
+class CheckpointError(Exception):
+    """A checkpoint could not be written, or none can be read: the message says what is intact and what to do."""
+
+
+def _error_text(e: BaseException) -> str:
+    """The root cause in one line: DCP wraps a rank's OSError (disk full, ...) in a CheckpointException."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) else inner
+    return f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else \
+        (e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def _write_durably(path: str, write, atomic: bool = False):
+    """write(f) to path, on disk before this returns; atomic: through path.tmp, so that a reader (or a rerun after
+    a kill) sees the old file or the new one, never half of one."""
+    with open(path + ".tmp" if atomic else path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    if atomic:
+        os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out_dir, keep, rank, world, model, opt, state: dict):
+    """Model and optimizer shards (DCP), then state.pt, then manifest.json with every file's size and sha256 (each
+    rank hashes its share), all in checkpoints/.tmp-NAME, renamed to NAME once complete. Any failure (a full disk)
+    on any rank removes the partial directory and raises CheckpointError on every rank; older checkpoints are
+    untouched, and only once the new one is in place are those beyond `keep` deleted."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     root = os.path.join(out_dir, "checkpoints")
     name = checkpoint_name(state["stage"], state["step"])
     tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for d in os.listdir(root):  # leftovers of a save that was interrupted
-            if d.startswith(".tmp-"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
+
+    def phase(fn):  # run fn on this rank; if it failed on any rank, clean up and fail on all of them
+        try:
+            out, err = fn(), None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            out, err = None, _error_text(e)
+        err = next((e for e in all_gather_object(err) if e), None)
+        if err is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            have = [os.path.basename(p) for p in convert.checkpoints(out_dir)]
+            raise CheckpointError(f"could not write checkpoint {name} ({err}); " + (
+                f"{have[-1]} is intact: fix that and run the same command again to resume from it" if have else
+                "there is no earlier checkpoint: fix that and run the same command again"))
+        return out
+
+    def start():
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            for d in os.listdir(root):  # leftovers of a save that was interrupted
+                if d.startswith(".tmp-"):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            os.makedirs(tmp)
+    phase(start)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
-    barrier()
-    if rank == 0:
-        torch.save(state, os.path.join(tmp, "state.pt"))  # written last: its presence marks a complete checkpoint
-        shutil.rmtree(final, ignore_errors=True)
+    phase(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp))
+    phase(lambda: rank == 0 and _write_durably(os.path.join(tmp, "state.pt"), lambda f: torch.save(state, f)))
+    names = sorted(os.listdir(tmp))
+    mine = phase(lambda: convert.hash_files([os.path.join(tmp, n) for n in names[rank::world]]))
+    files = {os.path.basename(p): list(v) for part in all_gather_object(mine) for p, v in part.items()}
+
+    def finish():
+        if rank != 0:
+            return
+        manifest = json.dumps(dict(format=1, files=files), indent=1).encode()
+        _write_durably(os.path.join(tmp, convert.MANIFEST), lambda f: f.write(manifest))
+        if os.path.exists(final):  # the same step saved again after a resume: the new copy replaces it
+            os.rename(final, tmp + "-old")
         os.rename(tmp, final)
-        done = sorted(d for d in os.listdir(root) if not d.startswith("."))
+        shutil.rmtree(tmp + "-old", ignore_errors=True)
+        fd = os.open(root, os.O_RDONLY)  # the rename itself survives a power loss
+        os.fsync(fd)
+        os.close(fd)
+    phase(finish)
+    if rank == 0:
+        done = convert.checkpoints(out_dir)
         for old in done[:-keep] if keep else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
+
+
+def find_resume(out_dir, rank, world, log) -> str | None:
+    """The newest checkpoint whose files match its manifest (all ranks share the hashing). A damaged one is renamed
+    .damaged-NAME, kept for inspection but never loaded again, and the one before it is tried."""
+    damaged = []
+    for ckpt in reversed(convert.checkpoints(out_dir)):
+        problem = next((p for p in all_gather_object(convert.check_checkpoint(ckpt, rank, world)) if p), None)
+        if problem is None:
+            return ckpt
+        aside = os.path.join(os.path.dirname(ckpt), ".damaged-" + os.path.basename(ckpt))
+        if rank == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(ckpt, aside)
+        log(f"warning: checkpoint {ckpt} is damaged ({problem}); set aside as {aside}, trying the one before it")
+        damaged.append(f"{os.path.basename(ckpt)}: {problem}")
+        barrier()
+    if damaged:
+        raise CheckpointError(f"no undamaged checkpoint in {out_dir}/checkpoints ({'; '.join(damaged)}); they are "
+                              "set aside as .damaged-*: restore them from a copy, or run the same command again to "
+                              "start the run over")
+    return None
 
 
 def load_checkpoint_weights(path, model, opt):
@@ -390,8 +479,12 @@ class Run:
         self.domains = self.bins.domains
         p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
         self.reference_loss = self.per_domain("reference_loss", cfg.reference_loss)
-        if min(p) < 0 or sum(p) <= 0:
-            raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and not all 0")
+        if cfg.domain_proportions is not None and (min(p) < 0 or abs(sum(p) - 1) > 1e-3):
+            raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and sum to 1 (they sum to "
+                              f"{sum(p):.6g}); they are the initial share of each domain in the training mixture")
+        if self.reference_loss is not None and not all(0 < v < math.inf for v in self.reference_loss):
+            raise ConfigError(f"reference_loss={cfg.reference_loss}: every value must be a positive finite loss "
+                              "(nats/token)")
         self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
         try:
             self.make_weighter()
@@ -539,15 +632,13 @@ class Run:
             all_reduce(counts)
             loss = float(loss_sums.sum() / counts.sum())
             if not math.isfinite(loss):
-                raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. The last "
-                                         f"checkpoint in {c.out_dir}/checkpoints is intact: lower the learning rate "
-                                         "and run again to resume from it")
+                raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. "
+                                         + self.nan_advice(stage))
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
             gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             if not math.isfinite(gnorm):  # before the step: no NaN ever reaches the weights or a checkpoint
-                raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. The "
-                                         f"last checkpoint in {c.out_dir}/checkpoints is intact: lower the learning "
-                                         "rate and run again to resume from it")
+                raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. "
+                                         + self.nan_advice(stage))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if l0 is not None:
@@ -598,6 +689,10 @@ class Run:
                      f"(gap {st['expected_sparsity'] - st['final_sparsity']:+.3f}); compacting to the target")
         self.record(row)
 
+    def nan_advice(self, stage: Stage) -> str:
+        return (f"The checkpoints in {self.cfg.out_dir}/checkpoints are intact: resume from the last one with a lower "
+                f"learning rate, e.g. --{stage.name}_lr={stage.lr / 2:g} --allow_changes={stage.name}_lr")
+
     def eval_and_update(self, stage, model, l0, weighter, step, offset, update: bool):
         c = self.cfg
         masks = l0.expected_masks() if l0 is not None else None
@@ -626,7 +721,7 @@ class Run:
                      src_path=os.path.abspath(self.src_path), clock=dict(self.clock), sampler=sampler.state_dict(),
                      weighter=weighter.state_dict(), l0=None if l0 is None else to_cpu(l0.state_dict()),
                      l0_opt=None if l0 is None else to_cpu(l0_opt.state_dict()))
-        save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, model, opt, state)
+        save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, self.world, model, opt, state)
         self.log(f"saved checkpoint {checkpoint_name(stage, step)}")
 
     # ---------------------------------------------------------------- the whole run
@@ -641,7 +736,7 @@ class Run:
         try:
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
         except ValueError as e:
-            raise ConfigError(f"target shape: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
         return l0.to(self.device)
 
     def make_l0_optimizer(self, l0):
@@ -651,9 +746,9 @@ class Run:
                                   {"params": list(l0.lambdas.values()), "lr": c.lambda_lr or c.lag_lr}],
                                  betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=0.0)
 
-    def main(self):
+    def main(self, resume: str | None):
+        """The run from its start, or from the checkpoint `resume` (one that find_resume checked)."""
         c = self.cfg
-        resume = convert.latest_checkpoint(c.out_dir)
         state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False) if resume else None
         src_path = convert._resolve(resolve_init(c.init_from))
         if state is not None:
@@ -713,8 +808,8 @@ class Run:
                 self.export(mcfg, sd, "hf")
         barrier()
         if self.master:
-            with open(os.path.join(c.out_dir, "done.json"), "w") as f:
-                json.dump(dict(model_config=asdict(mcfg), hf=os.path.join(c.out_dir, "hf")), f, indent=1)
+            done = json.dumps(dict(model_config=asdict(mcfg), hf=os.path.join(c.out_dir, "hf")), indent=1).encode()
+            _write_durably(os.path.join(c.out_dir, "done.json"), lambda f: f.write(done), atomic=True)
             plot_metrics(c.out_dir)
         self.log(f"done: {os.path.join(c.out_dir, 'hf')} ({describe(mcfg)})")
 
@@ -781,6 +876,14 @@ def all_reduce(t: torch.Tensor):
         dist.all_reduce(t)
 
 
+def all_gather_object(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
@@ -812,18 +915,25 @@ def mfu(model, tokens_per_s: float, world: int, T: int) -> float:
 
 
 def save_masks(out_dir, l0, masks):
-    torch.save(dict(masks={k: v.cpu() for k, v in masks.items()},
-                    log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
-                    lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
-                    source_config=asdict(l0.cfg)), os.path.join(out_dir, "masks.pt"))
+    obj = dict(masks={k: v.cpu() for k, v in masks.items()},
+               log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
+               lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
+               source_config=asdict(l0.cfg))
+    _write_durably(os.path.join(out_dir, "masks.pt"), lambda f: torch.save(obj, f), atomic=True)
 
 
 def read_metrics(out_dir) -> list[dict]:
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # the last line, cut by a kill or a full disk; the resumed run writes it again
+                pass
+    return rows
 
 
 def truncate_metrics(out_dir, stage: str, step: int):
@@ -833,11 +943,8 @@ def truncate_metrics(out_dir, stage: str, step: int):
     # lines of the checkpoint's own step stay, except at step 0, whose evaluation the resumed stage repeats
     keep = [r for r in rows if (STAGES.index(r["stage"]), r["step"]) < pos or (r["stage"], r["step"]) == (stage, step)
             and step > 0]
-    if len(keep) != len(rows):
-        tmp = os.path.join(out_dir, ".metrics.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, os.path.join(out_dir, "metrics.jsonl"))
+    text = "".join(json.dumps(r) + "\n" for r in keep).encode()  # rewritten always: drops a cut last line too
+    _write_durably(os.path.join(out_dir, "metrics.jsonl"), lambda f: f.write(text), atomic=True)
 
 
 def plot_metrics(out_dir):
@@ -986,6 +1093,8 @@ def lock_out_dir(out_dir: str, master: bool):
     """An exclusive lock on out_dir/.lock for the whole run, so that two runs never write one out_dir. flock: the
     OS releases it when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open
     file (keep it) on rank 0; every rank raises if another process holds it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir={out_dir} exists and is not a directory; choose another out_dir")
     held = f = None
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -1006,27 +1115,44 @@ def lock_out_dir(out_dir: str, master: bool):
     return f
 
 
-def prepare_out_dir(cfg: TrainConfig, master: bool) -> str:
-    """'fresh' | 'resume' | 'done'. Refuses an out_dir holding another run unless overwrite."""
+def prepare_out_dir(cfg: TrainConfig, master: bool, log=print) -> str:
+    """'run' | 'done'. An out_dir holding a run with another config is refused, listing the keys that differ,
+    unless they are in allow_changes (resume with them changed) or overwrite (start over)."""
     path = os.path.join(cfg.out_dir, "config.json")
-    status = "fresh"
+    status = "run"
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            assert isinstance(old, dict)
+        except (ValueError, AssertionError):
+            raise ConfigError(f"{path} is corrupted; restore it, or pass --overwrite=true to start the run in "
+                              f"{cfg.out_dir} over") from None
         mine = asdict(cfg)
+        allowed = {k.strip() for k in cfg.allow_changes.split(",") if k.strip()}
         diff = sorted(k for k in set(old) | set(mine) if k not in RESUMABLE and old.get(k) != mine.get(k))
+        started = os.path.isfile(os.path.join(cfg.out_dir, "done.json")) or convert.checkpoints(cfg.out_dir)
+        if diff and not started:  # an attempt that failed before its first checkpoint: nothing to protect or resume
+            diff = []
         if diff and not cfg.overwrite:
-            raise ConfigError(f"{cfg.out_dir} holds a run with another config ({', '.join(diff)} differ); use "
-                              "another out_dir, or --overwrite=true to start it over")
-        if diff:  # overwrite: start over
+            if set(diff) - allowed:
+                refused = [k for k in diff if k not in allowed]
+                raise ConfigError(f"{cfg.out_dir} holds a run with another config ({', '.join(refused)} differ); use "
+                                  f"another out_dir, --allow_changes={','.join(refused)} to resume it with the new "
+                                  "values, or --overwrite=true to start it over")
+            fixed = [k for k in diff if k in FIXED_ON_RESUME]
+            if fixed:
+                raise ConfigError(f"{', '.join(fixed)} cannot change when resuming {cfg.out_dir} (its checkpoints' "
+                                  "data order and shapes depend on them); use another out_dir, or --overwrite=true")
+            log(f"resuming {cfg.out_dir} with a changed config: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {mine.get(k)!r}" for k in diff))
+        elif diff:  # overwrite: start over
             if master:
                 for name in ("checkpoints", "pruned", "hf", "plots", "metrics.jsonl", "masks.pt", "done.json"):
                     p = os.path.join(cfg.out_dir, name)
                     shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
         elif os.path.isfile(os.path.join(cfg.out_dir, "done.json")):
             status = "done"
-        elif convert.latest_checkpoint(cfg.out_dir):
-            status = "resume"
     barrier()
     if master and status != "done":
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1049,26 +1175,30 @@ def main(argv=None):
         cfg = load_config(argv)
         run = Run(cfg)
         lock = lock_out_dir(cfg.out_dir, run.master)  # noqa: F841 (held until the process ends)
-        status = prepare_out_dir(cfg, run.master)
-        if status == "done":
+        if prepare_out_dir(cfg, run.master, run.log) == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
-        ckpt = convert.latest_checkpoint(cfg.out_dir)
+        ckpt = find_resume(cfg.out_dir, run.rank, run.world, run.log)
         if run.master and ckpt is not None:
             st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
             truncate_metrics(cfg.out_dir, st["stage"], st["step"])
-        elif run.master and status == "fresh" and os.path.exists(run.metrics_path):
+        elif run.master and os.path.exists(run.metrics_path):  # starting (over): no earlier lines belong to it
             os.remove(run.metrics_path)
         barrier()
-        run.main()
+        run.main(ckpt)
         barrier()  # leave together: a rank tearing gloo down while another still talks to it can abort
     except StopRun as e:
         run.log(str(e))
         barrier()
-    except (ConfigError, convert.ConvertError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, convert.ConvertError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:  # writing metrics, plots or an export (a full disk): the checkpoints are intact
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"train.py: error: {_error_text(e)}; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix "
+                  "that and run the same command again to resume", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random Hugging Face models of each family, saved to a temp dir (no network)."""
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -55,3 +58,40 @@ def make_hf(name: str, path, seed: int = 0, **overrides):
 @pytest.fixture(params=sorted(TINY))
 def family(request):
     return request.param
+
+
+# -----------------------------------------------------------------------------
+# train.py runs: a tiny GQA model, three synthetic domains, and one uninterrupted run to compare against
+TARGET = ["--target_hidden_size=24", "--target_num_hidden_layers=2", "--target_num_key_value_heads=1",
+          "--target_intermediate_size=40"]
+
+
+def make_data(path: Path, V: int = 256):
+    """Three domains of different difficulty: a repeated ramp (easy), 32 symbols (mid), all 256 (hard)."""
+    rng = np.random.default_rng(0)
+    doms = {"easy": np.tile(np.arange(64), 400), "mid": rng.integers(0, 32, 20000), "hard": rng.integers(0, V, 20000)}
+    domains = []
+    for name, toks in doms.items():
+        (path / name).mkdir(parents=True)
+        toks = toks.astype(np.uint16)
+        toks[:-2000].tofile(path / name / "train.bin")
+        toks[-2000:].tofile(path / name / "val.bin")
+        domains.append({"name": name, "source": "synthetic", "text_bytes": 0,
+                        "train": {"docs": 1, "tokens": len(toks) - 2000}, "val": {"docs": 1, "tokens": 2000}})
+    (path / "meta.json").write_text(json.dumps({
+        "format": 1, "dtype": "uint16", "vocab_size": V, "bos_id": None, "eos_id": 0, "add_bos": False,
+        "tokenizer_fingerprint": "sha256:test", "domains": domains, "settings": {}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def setup(tmp_path_factory):
+    import train
+    root = tmp_path_factory.mktemp("train")
+    make_hf("llama_gqa", root / "model")  # GQA (6 query / 2 key-value heads), tied embeddings
+    make_data(root / "data")
+    base = ["config/tiny.py", f"--init_from={root / 'model'}", f"--data_dir={root / 'data'}", *TARGET,
+            "--reference_loss=1,2,5"]
+    ref = root / "ref"
+    assert train.main(base + [f"--out_dir={ref}"]) == 0  # the uninterrupted 1-process run, shared by the tests
+    return root, base, ref
