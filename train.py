@@ -1194,6 +1194,12 @@ def main(argv=None):
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C: a save in progress is left as .tmp-*, never taken for a checkpoint
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            have = [os.path.basename(p) for p in convert.checkpoints(cfg.out_dir)] if "cfg" in locals() else []
+            print("train.py: interrupted" + (f"; checkpoint {have[-1]} is intact: run the same command again to "
+                                             "resume from it" if have else ""), file=sys.stderr)
+        return 130
     except OSError as e:  # writing metrics, plots or an export (a full disk): the checkpoints are intact
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {_error_text(e)}; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix "

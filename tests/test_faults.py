@@ -115,6 +115,16 @@ def _neox(root, tmp):  # GPT-NeoX: 3 heads x 16 = hidden 48; 2 heads need hidden
     return [f"--init_from={tmp / 'neox'}", "--target_num_key_value_heads=2", "--target_hidden_size=40"]
 
 
+def _gguf(damage):
+    def make(root, tmp):
+        import transformers
+        from test_model import write_gguf
+        write_gguf(transformers.AutoModelForCausalLM.from_pretrained(root / "model"), tmp / "m.gguf")
+        damage(tmp / "m.gguf")
+        return [f"--init_from={tmp / 'm.gguf'}"]
+    return make
+
+
 def _truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
@@ -162,6 +172,8 @@ TRAIN_CASES = {
     "model_weights_truncated": (_model(lambda m: _truncate(m / "model.safetensors")), "truncated or corrupted"),
     "model_weights_garbage": (_model(lambda m: (m / "model.safetensors").write_bytes(os.urandom(4096))),
                               "not a readable safetensors file"),
+    "gguf_truncated": (_gguf(lambda p: _truncate(p, 0.75)), "truncated or corrupted"),
+    "gguf_garbage": (_gguf(lambda p: p.write_bytes(b"GGUF" + os.urandom(2000))), "m.gguf"),
     "model_no_weights": (_model(lambda m: (m / "model.safetensors").unlink()), "has no *.safetensors"),
     "out_dir_is_a_file": (lambda root, tmp: (tmp / "run").write_text("x") and [], "is not a directory"),
 }
@@ -182,6 +194,21 @@ def test_train_bad_input(case, setup, tmp_path, capsys):
     assert {p: tree(root / p) for p in inputs} == inputs
     if case == "out_dir_is_a_file":
         assert (tmp_path / "run").read_text() == "x"
+
+
+def test_ctrl_c_keeps_the_checkpoints(setup, stopped, tmp_path, monkeypatch, capsys):
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    before = tree(run / "checkpoints")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "evaluate", interrupted)  # Ctrl-C at the first evaluation after resuming
+    assert train.main(base + [f"--out_dir={run}"]) == 130
+    one_line(capsys.readouterr().err, "train.py: interrupted; checkpoint 0-prune-00000004 is intact",
+             "run the same command again")
+    assert tree(run / "checkpoints") == before
 
 
 def test_failed_start_does_not_block_the_corrected_command(setup, tmp_path, capsys):
