@@ -1097,8 +1097,11 @@ def lock_out_dir(out_dir: str, master: bool):
         raise ConfigError(f"out_dir={out_dir} exists and is not a directory; choose another out_dir")
     held = f = None
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, ".lock"), "a+")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            f = open(os.path.join(out_dir, ".lock"), "a+")
+        except OSError as e:
+            raise ConfigError(f"cannot write in out_dir={out_dir} ({e.strerror}); choose a writable out_dir") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.truncate(0)
@@ -1171,10 +1174,11 @@ def main(argv=None):
         return report_main(argv[1:])
     # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    lock = None
     try:
         cfg = load_config(argv)
         run = Run(cfg)
-        lock = lock_out_dir(cfg.out_dir, run.master)  # noqa: F841 (held until the process ends)
+        lock = lock_out_dir(cfg.out_dir, run.master)  # held until the run ends
         if prepare_out_dir(cfg, run.master, run.log) == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
@@ -1202,10 +1206,13 @@ def main(argv=None):
         return 130
     except OSError as e:  # writing metrics, plots or an export (a full disk): the checkpoints are intact
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"train.py: error: {_error_text(e)}; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix "
-                  "that and run the same command again to resume", file=sys.stderr)
+            have = [os.path.basename(p) for p in convert.checkpoints(cfg.out_dir)] if "cfg" in locals() else []
+            print(f"train.py: error: {_error_text(e)}" + (f"; the checkpoints in {cfg.out_dir}/checkpoints are "
+                  "intact: fix that and run the same command again to resume" if have else ""), file=sys.stderr)
         return 1
     finally:
+        if lock is not None:  # released now, not when a traceback holding this frame is collected
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -125,6 +125,13 @@ def _gguf(damage):
     return make
 
 
+def _gpt2(root, tmp):
+    import transformers
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=256)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "gpt2")
+    return [f"--init_from={tmp / 'gpt2'}"]
+
+
 def _truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
@@ -175,6 +182,8 @@ TRAIN_CASES = {
     "gguf_truncated": (_gguf(lambda p: _truncate(p, 0.75)), "truncated or corrupted"),
     "gguf_garbage": (_gguf(lambda p: p.write_bytes(b"GGUF" + os.urandom(2000))), "m.gguf"),
     "model_no_weights": (_model(lambda m: (m / "model.safetensors").unlink()), "has no *.safetensors"),
+    "out_dir_unwritable": (["--out_dir=/proc/drpruning-run"], "cannot write in out_dir=/proc/drpruning-run"),
+    "model_unsupported_family": (_gpt2, "model_type 'gpt2' is not supported; expected one of"),
     "out_dir_is_a_file": (lambda root, tmp: (tmp / "run").write_text("x") and [], "is not a directory"),
 }
 
