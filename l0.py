@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import ModelConfig
+from model import ModelConfig, Transformer
 
 MASKS = ("layer", "head", "intermediate", "hidden")
 
@@ -72,14 +72,61 @@ class TargetShape:
 
     @classmethod
     def resolve(cls, src: ModelConfig, target_hidden_size=0, target_num_hidden_layers=0,
-                target_num_key_value_heads=0, target_intermediate_size=0, **_) -> "TargetShape":
+                target_num_key_value_heads=0, target_intermediate_size=0, target_params=0, **_) -> "TargetShape":
         """The target from a training config's target_* fields (other keys ignored; 0 keeps the source's); query
-        heads follow from the source's group size, since pruning removes whole key/value groups."""
+        heads follow from the source's group size, since pruning removes whole key/value groups. target_params
+        instead: from_budget."""
+        if target_params:
+            if target_hidden_size or target_num_hidden_layers or target_num_key_value_heads or target_intermediate_size:
+                raise ValueError("give either target_params or the target_* shape fields, not both")
+            return cls.from_budget(src, target_params)
         nkv = target_num_key_value_heads or src.num_key_value_heads
         return cls(hidden_size=target_hidden_size or src.hidden_size,
                    num_hidden_layers=target_num_hidden_layers or src.num_hidden_layers,
                    num_attention_heads=nkv * (src.num_attention_heads // src.num_key_value_heads),
                    num_key_value_heads=nkv, intermediate_size=target_intermediate_size or src.intermediate_size)
+
+    @classmethod
+    def from_budget(cls, src: ModelConfig, params: float, min_width: float = 0.5) -> "TargetShape":
+        """The target shape for a parameter budget: `params` total parameters (embeddings included), or a fraction
+        of the source's if <= 1. One rule, width first: keep every layer and shrink the hidden size, the key/value
+        groups and the MLP by one factor s, so the shape keeps the source's proportions (Minitron: width pruning
+        beats depth pruning at equal size); only if s would fall below `min_width` does s stay at min_width and
+        layers go instead. Rounding: groups to an integer, hidden to a multiple of lcm(query heads, 8) (GPT-NeoX:
+        heads x head_dim), then the MLP width, to a multiple of 64 (or of what divides the source's), takes up
+        the rest of the budget. For LLaMA-2-7B this picks Sheared-LLaMA's 1.3b and 2.7b shapes (README)."""
+        total = lambda shape: total_params(src, shape)  # noqa: E731
+        source = total(cls.of(src))
+        budget = params * source if params <= 1 else params
+        group = src.num_attention_heads // src.num_key_value_heads
+        align = next(a for a in (64, 8, 1) if src.intermediate_size % a == 0)
+
+        def shape(s, layers, inter=None):
+            nkv = max(1, min(src.num_key_value_heads, round(s * src.num_key_value_heads)))
+            heads = nkv * group
+            if src.neox:
+                hidden = heads * src.head_dim
+            else:
+                step = math.lcm(heads, 8)
+                hidden = max(step, min(src.hidden_size // step * step, round(s * src.hidden_size / step) * step))
+            inter = inter or max(align, round(s * src.intermediate_size / align) * align)
+            return cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=nkv, intermediate_size=min(inter, src.intermediate_size))
+
+        L = src.num_hidden_layers
+        lo, hi = 0.0, 1.0  # the width factor that meets the budget with every layer, by bisection
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if total(shape(mid, L)) < budget else (lo, mid)
+        s = hi
+        if s < min_width:
+            s = min_width
+            L = min(range(1, L + 1), key=lambda n: abs(total(shape(s, n)) - budget))
+        # the MLP width takes up what the rounding of the others left: the count is linear in it
+        a, b = shape(s, L, align), shape(s, L, 2 * align)
+        per_channel = (total(b) - total(a)) / align
+        inter = round((budget - total(a)) / per_channel / align) * align + align
+        return shape(s, L, max(align, min(inter, src.intermediate_size)))
 
     def validate(self, src: ModelConfig):
         """One-line ValueError unless `src` can be pruned to this shape."""
@@ -94,6 +141,18 @@ class TargetShape:
             replace(src, **asdict(self), head_dim=src.head_dim)
         except ValueError as e:
             raise ValueError(f"target shape: {e}") from None
+
+
+def total_params(cfg: ModelConfig, shape: TargetShape | None = None) -> int:
+    """Every parameter (embeddings included, a tied head once) of cfg's model at `shape` (default: cfg's own)."""
+    if shape is not None:
+        cfg = replace(cfg, **asdict(shape), head_dim=cfg.head_dim)
+
+    def count(layers):  # on the meta device: shapes only, no memory
+        with torch.device("meta"):
+            return sum(p.numel() for p in Transformer(replace(cfg, num_hidden_layers=layers)).parameters())
+    one = count(1)  # every layer has the same parameters: count one and two layers, extrapolate
+    return one + (cfg.num_hidden_layers - 1) * (count(2) - one)
 
 
 def unit_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -218,6 +277,26 @@ class L0Module(nn.Module):
         return {f"{m}_z": self.z[m].sample(ui.view_as(la)) for m, ui, la in zip(self.names, u, las)}
 
     @torch.no_grad()
+    def init_from_importance(self, scores: dict, band: float = 3.0) -> dict:
+        """Start every gate's log_alpha by its unit's importance rank within its row (as keep_top ranks): the most
+        important unit at the top of the clamp range (ln 100), the least important `band` below it, linear in the
+        rank. At band 3 every gate still starts open with P(z > 0) >= 0.96, so step 0 computes nearly the source's
+        function; what the ranks decide is which units the Lagrangian pushes out first, and which ones compaction
+        drops if the gates never move. scores: {mask name: tensor of its log_alpha's shape, larger = more
+        important} (activation_importance). Returns the ranks, 0 = most important."""
+        ranks = {}
+        for m in self.names:
+            la = self.z[m].log_alpha
+            s = scores[m].to(la.device, torch.float64).reshape(-1, la.shape[-1])
+            order = torch.argsort(-s, dim=-1, stable=True)  # ties: the lower index ranks first
+            rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1], device=la.device)
+                                                    .expand_as(order))
+            top = self.z[m].log_alpha_range[1]
+            la.copy_((top - band * rank / max(s.shape[-1] - 1, 1)).view_as(la))
+            ranks[m] = rank.view_as(la)
+        return ranks
+
+    @torch.no_grad()
     def expected_masks(self) -> dict:
         """Binary masks of the size the gates currently describe: per row the round(sum P(z > 0)) units with the
         largest log_alpha (ties to the lower index). Used to evaluate while pruning."""
@@ -301,3 +380,56 @@ class L0Module(nn.Module):
                    target_sparsity=self._schedule(step, self.final_sparsity), final_sparsity=self.final_sparsity)
         out.update({k: float(v) for k, v in self.lambdas.items()})
         return out
+
+
+@torch.no_grad()
+def activation_importance(model, batches, reduce=None) -> dict:
+    """Activation-based importance of every prunable unit (Minitron), from forward passes over `batches`, an
+    iterable of (x, y) token batches. Per unit, the mean over all tokens of:
+      layer         1 - cos(block input, block output): how much the block changes the residual stream
+      head          |attention output of the key/value group| (L2 over its query heads' outputs, o_proj's input)
+      intermediate  |act(gate) * up| (GELU MLP: |act(up)|), down_proj's input
+      hidden        |output of each input_layernorm and post_attention_layernorm|, summed over the layers
+    reduce: applied to each (sums, count) tensor, e.g. an all-reduce when every rank saw its own rows. Returns
+    {mask name: tensor shaped like its log_alpha}, on the CPU, in float64."""
+    cfg = model.config
+    L, nkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    dev = next(model.parameters()).device
+    sums = {"layer": torch.zeros(L, dtype=torch.float64, device=dev),
+            "head": torch.zeros(L, nkv, dtype=torch.float64, device=dev),
+            "intermediate": torch.zeros(L, cfg.intermediate_size, dtype=torch.float64, device=dev),
+            "hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64, device=dev)}
+    hooks = []
+    for i, block in enumerate(model.model.layers):
+        def on_block(mod, args, out, i=i):
+            x, y = args[0].double(), out.double()
+            sums["layer"][i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum()
+
+        def on_heads(mod, args, i=i):
+            a = args[0]  # (B, T, H * hs): query head j belongs to key/value group j // group
+            sums["head"][i] += a.reshape(*a.shape[:-1], nkv, -1).double().norm(dim=-1).sum((0, 1))
+
+        def on_mlp(mod, args, i=i):
+            sums["intermediate"][i] += args[0].double().abs().sum((0, 1))
+
+        def on_norm(mod, args, out):
+            sums["hidden"].add_(out.double().abs().sum((0, 1)))
+        hooks += [block.register_forward_hook(on_block), block.self_attn.o_proj.register_forward_pre_hook(on_heads),
+                  block.mlp.down_proj.register_forward_pre_hook(on_mlp),
+                  block.input_layernorm.register_forward_hook(on_norm),
+                  block.post_attention_layernorm.register_forward_hook(on_norm)]
+    tokens = torch.zeros((), dtype=torch.float64, device=dev)
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            model(x.to(dev), y.to(dev), reduction="none")  # the loss path: no (B, T, V) logits
+            tokens += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if reduce is not None:
+        for t in (*sums.values(), tokens):
+            reduce(t)
+    return {k: (v / tokens).cpu() for k, v in sums.items()}

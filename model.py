@@ -18,6 +18,7 @@ One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families
     logits = model(idx)                                        # (B, T, vocab)
     loss = model(idx, targets)                                 # mean token cross-entropy
     tok_loss = model(idx, targets, reduction="none")           # (B, T)
+    kd, ce = model(idx, targets, reduction="none", teacher=(teacher.hidden(idx), teacher.lm_head.weight, 0.5, 1.0))
 """
 
 import math
@@ -435,6 +436,31 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh, dw.to(weight.dtype), None, None, None
 
 
+def distill_loss(h, w, ht, wt, targets, alpha: float, temperature: float, chunk: int):
+    """Knowledge distillation per token: (1 - alpha) CE + alpha T^2 KL(p_teacher || p_student), the two
+    distributions softmax(logits / T) (Hinton et al.; T^2 keeps the soft term's gradient scale independent of T),
+    student logits h @ w.T, teacher logits ht @ wt.T (no gradient). Returns (loss, ce), both (N,) fp32, 0 where a
+    target is -100; ce is the plain cross-entropy, which the domain weighter keeps reading.
+
+    `chunk` tokens at a time, each chunk recomputed in the backward (activation checkpointing): no (N, V) tensor of
+    the student's or the teacher's logits ever exists for the whole batch, only a few (chunk, V) ones."""
+    def one(hc, htc, tc):
+        zs = F.linear(hc, w).float()  # (c, V), the matmul in autocast's dtype if on
+        with torch.no_grad():
+            log_pt = F.log_softmax(F.linear(htc.to(wt.dtype), wt).float() / temperature, -1)  # (c, V)
+        ce = F.cross_entropy(zs, tc.clamp(min=0), reduction="none")
+        kl = F.kl_div(F.log_softmax(zs / temperature, -1), log_pt, log_target=True, reduction="none").sum(-1)
+        valid = tc != -100
+        return (torch.where(valid, (1 - alpha) * ce + alpha * temperature ** 2 * kl, 0.0),
+                torch.where(valid, ce, 0.0).detach())
+
+    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    outs = [torch.utils.checkpoint.checkpoint(one, h[i:i + chunk], ht[i:i + chunk], targets[i:i + chunk],
+                                              use_reentrant=False) if grad else
+            one(h[i:i + chunk], ht[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(h), chunk)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
 # -----------------------------------------------------------------------------
 # the model
 
@@ -471,11 +497,34 @@ class Transformer(nn.Module):
             model.load_state_dict(sd, strict=True, assign=True)
         return model
 
-    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean"):
+    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean", teacher=None):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
-        cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset."""
+        cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset.
+        teacher: (hidden (B, T, d_t), lm_head weight (V, d_t), alpha, temperature) of a frozen teacher (its
+        `hidden(idx)`): with reduction="none", returns (distillation loss, cross-entropy) per token (distill_loss)."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        x = self.hidden(idx, masks)  # (B, T, d)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, V)
+        B, T = idx.shape
+        w = self.lm_head.weight
+        chunk = max(1, LOGITS_CHUNK // self.config.vocab_size)
+        if teacher is not None:
+            if reduction != "none":
+                raise ValueError("distillation returns per-token losses: use reduction='none'")
+            ht, wt, alpha, temperature = teacher
+            loss, ce = distill_loss(x.flatten(0, 1), w, ht.flatten(0, 1), wt, targets.flatten(), alpha, temperature,
+                                    chunk)
+            return loss.view(B, T), ce.view(B, T)
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), chunk, grad)  # (B * T,)
+        if reduction == "none":
+            return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
+        return loss.sum() / (targets != -100).sum().clamp(min=1)
+
+    def hidden(self, idx, masks: dict | None = None):
+        """idx (B, T) -> the final norm's output (B, T, d), what lm_head reads."""
         B, T = idx.shape
         masks = masks or {}
         layer_z, hidden_z = masks.get("layer_z"), masks.get("hidden_z")
@@ -488,16 +537,7 @@ class Transformer(nn.Module):
             # a sublayer's output is scaled by layer_z and hidden_z: their product, once per layer
             out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
             x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, **z)
-        x = self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
-        if targets is None:
-            return self.lm_head(x)  # (B, T, V)
-        w = self.lm_head.weight
-        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-        loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(),
-                                        max(1, LOGITS_CHUNK // self.config.vocab_size), grad)  # (B * T,)
-        if reduction == "none":
-            return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
-        return loss.sum() / (targets != -100).sum().clamp(min=1)
+        return self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import convert
 import dro
 from data import DomainBins, MixtureSampler
-from l0 import L0Module, TargetShape, mask_generator
+from l0 import L0Module, TargetShape, mask_generator, total_params
 from model import ModelConfig, Transformer, prune_state_dict
 
 
@@ -66,11 +66,16 @@ class TrainConfig:
     target_num_hidden_layers: int = 0
     target_num_key_value_heads: int = 0
     target_intermediate_size: int = 0
+    target_params: float = 0  # or a budget: total parameters (1.3e9) or a fraction of the source's (0.4); sets the
+    #                           target_* shape by l0.TargetShape.from_budget (width first, then depth)
+    mask_init: str = "uniform"  # uniform (every log_alpha at ln 100) | importance (ranked by activations, see l0.py)
+    mask_init_batches: int = 4  # global batches of the initial mixture for the importance pass
     # domain weighting (dro.parse_method): constant | sheared | bandit | dro[+eval][+dy][+dyall]
     domain_weighting: str = "dro+eval"
     # per domain: {name: value} (or a list in the data's domain order)
     domain_proportions: dict | list | None = None  # the initial (reference) mixture; None: by training tokens
-    reference_loss: dict | list | None = None  # None: unknown, only with +dy/+dyall (fitted during training)
+    reference_loss: dict | list | str | None = None  # None: unknown, only with +dy/+dyall (fitted during training);
+    #                                                  "teacher": the source model's validation loss per domain
     rho: float = 0.1  # radius of the chi^2 ball
     min_prob: float = 0.2  # every domain keeps >= min_prob x its reference share
     # pruning stage
@@ -83,6 +88,11 @@ class TrainConfig:
     lag_lr: float = 1.0  # learning rate of log_alpha and lambda (lambda ascends through gradient reversal)
     lambda_lr: float = 0.0  # learning rate of lambda alone; 0 = lag_lr (the reference)
     lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
+    # distillation from the source model (a frozen teacher): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
+    distill_alpha: float = 0.0  # 0 = off: plain cross-entropy
+    teacher: str = ""  # the model distilled from and measured for reference_loss="teacher"; "" = init_from
+    distill_temperature: float = 1.0
+    distill_prune: bool = False  # distill while pruning too (default: in continued pretraining only)
     # continued-pretraining stage
     cpt_steps: int = 0
     cpt_batch_size: int = 256
@@ -118,7 +128,7 @@ RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_inte
              "activation_checkpointing"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
-                   "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
+                   "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
                    "target_intermediate_size"}
 
 
@@ -145,6 +155,8 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
         if typ == "numbers":
             if value.lower() in ("", "none"):
                 return None
+            if name == "reference_loss" and value == "teacher":
+                return value
             try:
                 value = ast.literal_eval(value if value.lstrip()[:1] in "[{" else f"[{value}]")
             except (ValueError, SyntaxError):
@@ -157,13 +169,14 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
         return float(value)
     if typ == "numbers":
         num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        if value is None:
-            return None
+        if value is None or name == "reference_loss" and value == "teacher":
+            return value
         if isinstance(value, dict) and all(isinstance(k, str) and num(v) for k, v in value.items()):
             return {k: float(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)) and all(num(v) for v in value):
             return [float(v) for v in value]
-        raise ConfigError(f"{name}={value!r}: expected {{domain: number}} or a list of numbers")
+        raise ConfigError(f"{name}={value!r}: expected {{domain: number}} or a list of numbers" +
+                          (' or "teacher"' if name == "reference_loss" else ""))
     raise ConfigError(f"{name}={value!r}: expected {typ}")
 
 
@@ -212,8 +225,14 @@ def load_config(argv: list[str]) -> TrainConfig:
         dro.parse_method(cfg.domain_weighting)
     except ValueError as e:
         raise ConfigError(f"domain_weighting: {e}") from None
+    if not 0 <= cfg.distill_alpha <= 1:
+        raise ConfigError(f"distill_alpha={cfg.distill_alpha} must be in [0, 1] (0: off, 1: distillation alone)")
+    if cfg.distill_temperature <= 0:
+        raise ConfigError(f"distill_temperature={cfg.distill_temperature} must be > 0")
+    if cfg.target_params < 0 or cfg.mask_init_batches < 1:
+        raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
     for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
-                          ("export_dtype", ("float32", "bfloat16"))):
+                          ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance"))):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
     return cfg
@@ -478,7 +497,9 @@ class Run:
             raise ConfigError(str(e)) from None
         self.domains = self.bins.domains
         p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
-        self.reference_loss = self.per_domain("reference_loss", cfg.reference_loss)
+        self.teacher = None  # the frozen source model, when distilling or measuring references against it
+        self.reference_loss = (None if cfg.reference_loss == "teacher" else
+                               self.per_domain("reference_loss", cfg.reference_loss))
         if cfg.domain_proportions is not None and (min(p) < 0 or abs(sum(p) - 1) > 1e-3):
             raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and sum to 1 (they sum to "
                               f"{sum(p):.6g}); they are the initial share of each domain in the training mixture")
@@ -486,8 +507,8 @@ class Run:
             raise ConfigError(f"reference_loss={cfg.reference_loss}: every value must be a positive finite loss "
                               "(nats/token)")
         self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
-        try:
-            self.make_weighter()
+        try:  # a placeholder for the teacher's losses, which are measured when a stage starts
+            self.make_weighter([1.0] * len(self.domains) if cfg.reference_loss == "teacher" else None)
         except ValueError as e:
             raise ConfigError(f"domain_weighting={cfg.domain_weighting!r}: {e}") from None
         self.stages = stages_of(cfg)
@@ -537,9 +558,10 @@ class Run:
 
     # ---------------------------------------------------------------- pieces of a stage
 
-    def make_weighter(self) -> dro.DomainWeighter:
+    def make_weighter(self, reference=None) -> dro.DomainWeighter:
         c = self.cfg
-        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, self.reference_loss, rho=c.rho,
+        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting,
+                                  self.reference_loss if reference is None else reference, rho=c.rho,
                                   min_prob=c.min_prob, seed=c.seed)
 
     def make_optimizer(self, model, stage: Stage):
@@ -556,8 +578,10 @@ class Run:
     def evaluate(self, model, masks, seq_len) -> np.ndarray:
         c = self.cfg
         with self.autocast():
-            return evaluate(model, self.bins, seq_len, c.eval_batch_size, c.eval_batches, masks, self.rank,
-                            self.world, self.device)
+            val = evaluate(model, self.bins, seq_len, c.eval_batch_size, c.eval_batches, masks, self.rank,
+                           self.world, self.device)
+        reshard(model)
+        return val
 
     def autocast(self):
         # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
@@ -570,7 +594,13 @@ class Run:
     def run_stage(self, stage: Stage, model, state: dict, l0: L0Module | None, l0_opt, resume_path: str | None):
         c = self.cfg
         sampler = MixtureSampler(self.bins, stage.seq_len, stage.batch_size, seed=c.seed + STAGES.index(stage.name))
-        weighter = self.make_weighter()
+        reference = None
+        if c.reference_loss == "teacher":  # measured where the stage starts, on the batches its evaluations use
+            reference = self.evaluate(self.teacher, None, stage.seq_len).tolist()
+            self.log(f"{stage.name}: reference losses = the source model's validation losses: " +
+                     ", ".join(f"{d} {v:.3f}" for d, v in zip(self.domains, reference)))
+        weighter = self.make_weighter(reference)
+        kd = self.teacher is not None and c.distill_alpha > 0 and (stage.name == "cpt" or c.distill_prune)
         opt = self.make_optimizer(model, stage)
         step = 0
         if resume_path is not None:
@@ -616,21 +646,33 @@ class Run:
             n_tokens = B * T  # every position is a target in these windows
             loss_sums = torch.zeros(D, dtype=torch.float64, device=self.device)
             counts = torch.zeros(D, dtype=torch.float64, device=self.device)
+            kd_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
             # FSDP2 reduce-scatters after every micro-batch: skipping it would hold unsharded fp32 gradients
             for i in range(0, rows, mb):
                 masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
                 with self.autocast():
-                    tok = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none")  # (mb, T)
+                    if kd:  # the objective per token, and its cross-entropy part for the weighter and the logs
+                        with torch.no_grad():
+                            teacher = (self.teacher.hidden(x[i:i + mb]), self.teacher.lm_head.weight, c.distill_alpha,
+                                       c.distill_temperature)
+                        tok, ce = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none", teacher=teacher)
+                        kd_sum += tok.detach().double().sum()
+                    else:
+                        tok = ce = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none")  # (mb, T)
                 # x world: FSDP averages the gradients over ranks, and the loss is a mean over the global batch
                 (tok.sum() * (self.world / n_tokens)).backward()
-                loss_sums.index_add_(0, dom[i:i + mb], tok.detach().double().sum(1))
+                loss_sums.index_add_(0, dom[i:i + mb], ce.detach().double().sum(1))
                 counts.index_add_(0, dom[i:i + mb], (y[i:i + mb] != -100).sum(1).double())
             if l0 is not None:
                 l0.lagrangian(step).backward()
                 l0.all_reduce_grads_()
             all_reduce(loss_sums)
             all_reduce(counts)
-            loss = float(loss_sums.sum() / counts.sum())
+            loss = float(loss_sums.sum() / counts.sum())  # cross-entropy, also when the objective is distillation
+            if kd:
+                all_reduce(kd_sum)
+                kd_loss = float(kd_sum / counts.sum())
+                loss = loss if math.isfinite(kd_loss) else kd_loss
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. "
                                          + self.nan_advice(stage))
@@ -655,13 +697,13 @@ class Run:
             if step % c.log_interval == 0 or step == stage.steps:
                 dt = time.perf_counter() - t0
                 row = dict(stage=stage.name, step=step, iter=offset + step, loss=loss, lr=stage.lr * f,
-                           grad_norm=gnorm, tokens_per_s=tokens_since / dt)
+                           grad_norm=gnorm, tokens_per_s=tokens_since / dt, **({"distill_loss": kd_loss} if kd else {}))
                 row.update({f"train/{n}": float(s / k) for n, s, k in zip(self.domains, loss_sums.tolist(),
                                                                            counts.tolist()) if k})
                 if l0 is not None:
                     row.update(l0.stats(step))
-                msg = (f"{stage.name} {step}/{stage.steps} | loss {loss:.4f} | lr {stage.lr * f:.2e} | "
-                       f"{tokens_since / dt:,.0f} tok/s")
+                msg = (f"{stage.name} {step}/{stage.steps} | loss {loss:.4f}" + (f" (distill {kd_loss:.4f})" if kd else "")
+                       + f" | lr {stage.lr * f:.2e} | {tokens_since / dt:,.0f} tok/s")
                 if self.device.type == "cuda":
                     row["mfu"] = mfu(model, tokens_since / dt, self.world, T)
                     msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
@@ -732,12 +774,76 @@ class Run:
         if not 1 <= nkv <= mcfg.num_key_value_heads:  # query heads follow from it: name the field the user set
             raise ConfigError(f"target_num_key_value_heads={nkv} must be in [1, {mcfg.num_key_value_heads}] "
                               "(the source model's)")
-        target = TargetShape.resolve(mcfg, **asdict(c))
         try:
+            target = TargetShape.resolve(mcfg, **asdict(c))
+            if c.target_params:
+                n = total_params(mcfg, target)
+                self.log(f"target_params={c.target_params:g} -> target {describe_target(target)} ({n / 1e6:,.1f}M "
+                         "parameters)")
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
         return l0.to(self.device)
+
+    def load_source(self, path) -> tuple[ModelConfig, dict | None]:
+        """(config, weights) of a model: rank 0 reads the weights, the others get the config (and any error, so
+        that none waits for rank 0)."""
+        mcfg = sd = error = None
+        if self.master:
+            try:
+                mcfg, sd = convert.load_hf(path)
+            except (convert.ConvertError, ValueError, OSError) as e:
+                error = str(e)
+        mcfg, error = broadcast_object((mcfg, error))
+        if error:
+            raise convert.ConvertError(error)
+        return mcfg, sd
+
+    def build_teacher(self, mcfg: ModelConfig, sd: dict | None) -> Transformer:
+        """The frozen source model (sd on rank 0 only). Its blocks are sharded like the student's (FSDP2, bf16 on
+        GPU); the embedding, final norm and lm_head stay whole on every rank, since the distillation loss reads the
+        head's weight chunk by chunk inside the student's forward, outside any forward of the teacher."""
+        with torch.device("meta"):
+            teacher = Transformer(mcfg)
+        if self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mp = MixedPrecisionPolicy(param_dtype=compute_dtype(self.cfg, self.device), reduce_dtype=torch.float32)
+            for block in teacher.model.layers:
+                fully_shard(block, mp_policy=mp)
+        teacher.to_empty(device=self.device)
+        if mcfg.tie_word_embeddings:
+            teacher.lm_head.weight = teacher.model.embed_tokens.weight
+        sd = sd if sd is None or not mcfg.tie_word_embeddings else {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
+        if self.world > 1:
+            set_model_state_dict(teacher, sd if self.master else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            teacher.load_state_dict(sd)
+        teacher.requires_grad_(False)
+        return teacher.eval()
+
+    def init_masks_from_importance(self, model, l0: L0Module, stage: Stage):
+        """log_alpha from activation importance over mask_init_batches global batches of the initial mixture,
+        drawn by a sampler of their own (the training batches stay those of a uniform-init run)."""
+        from l0 import activation_importance
+        c = self.cfg
+        sampler = MixtureSampler(self.bins, stage.seq_len, stage.batch_size, seed=c.seed + 1000)
+
+        def batches():
+            for _ in range(c.mask_init_batches):
+                x, y, _ = sampler.next(self.p0, self.rank, self.world)
+                for i in range(0, len(x), stage.micro_batch_size):
+                    yield x[i:i + stage.micro_batch_size], y[i:i + stage.micro_batch_size]
+        with self.autocast():
+            scores = activation_importance(model, batches(), reduce=all_reduce)
+        reshard(model)
+        ranks = l0.init_from_importance(scores)
+        msg = f"mask_init=importance over {c.mask_init_batches * stage.batch_size * stage.seq_len:,} tokens"
+        if "layer" in ranks:
+            order = torch.argsort(ranks["layer"], descending=True)[:5].tolist()
+            msg += f"; least important layers first: {order}"
+        self.log(msg + "; log_alpha set by rank within each mask")
 
     def make_l0_optimizer(self, l0):
         c = self.cfg
@@ -751,21 +857,20 @@ class Run:
         c = self.cfg
         state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False) if resume else None
         src_path = convert._resolve(resolve_init(c.init_from))
-        if state is not None:
+        teacher_path = convert._resolve(resolve_init(c.teacher)) if c.teacher else src_path
+        need_teacher = c.distill_alpha > 0 or c.reference_loss == "teacher"
+        mcfg = sd = tcfg = tsd = None
+        if state is None:
+            mcfg, sd = self.load_source(src_path)
+        else:  # resuming: the weights come from the checkpoint
             mcfg = ModelConfig(**state["model_config"])
-            sd = None  # the weights come from the checkpoint
-        else:
-            mcfg = sd = error = None
-            if self.master:  # only rank 0 reads the weights; an error reaches every rank, so none waits for it
-                try:
-                    mcfg, sd = convert.load_hf(src_path)
-                except (convert.ConvertError, ValueError, OSError) as e:
-                    error = str(e)
-            mcfg, error = broadcast_object((mcfg, error))
-            if error:
-                raise convert.ConvertError(error)
         self.src_path = src_path
         self.check_data(mcfg, src_path)
+        if need_teacher:
+            tcfg, tsd = (mcfg, sd) if teacher_path == src_path and state is None else self.load_source(teacher_path)
+            self.check_data(tcfg, teacher_path)
+            self.teacher = self.build_teacher(tcfg, tsd if self.master else None)
+        del tsd
         if self.master and c.wandb_project:
             try:
                 import wandb
@@ -789,6 +894,8 @@ class Run:
                 if resuming:
                     l0.load_state_dict(state["l0"])
                     l0_opt.load_state_dict(state["l0_opt"])
+                elif c.mask_init == "importance":
+                    self.init_masks_from_importance(model, l0, stage)
             self.log(f"stage {stage.name}: {stage.steps} steps of {stage.batch_size} x {stage.seq_len} tokens on "
                      f"{self.world} process(es), {self.device.type}, {str(self.dtype).removeprefix('torch.')}; "
                      f"model {describe(mcfg)}" + (f" -> target {describe_target(l0.target)}" if l0 else ""))
@@ -869,6 +976,14 @@ def to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(v) for v in obj)
     return obj
+
+
+def reshard(model):
+    """After forwards without a backward: FSDP2 leaves the root's parameters unsharded after the first forward (a
+    backward would reshard them), and an optimizer or a checkpoint must see the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def all_reduce(t: torch.Tensor):

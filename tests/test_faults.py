@@ -184,6 +184,11 @@ TRAIN_CASES = {
     "model_no_weights": (_model(lambda m: (m / "model.safetensors").unlink()), "has no *.safetensors"),
     "out_dir_unwritable": (["--out_dir=/proc/drpruning-run"], "cannot write in out_dir=/proc/drpruning-run"),
     "model_unsupported_family": (_gpt2, "model_type 'gpt2' is not supported; expected one of"),
+    "distill_alpha_out_of_range": (["--distill_alpha=1.5"], "distill_alpha=1.5 must be in [0, 1]"),
+    "mask_init_unknown": (["--mask_init=random"], "mask_init='random': choose one of uniform, importance"),
+    "budget_and_shape": (["--target_params=0.5"], "give either target_params or the target_* shape fields"),
+    "teacher_missing": (["--distill_alpha=0.5", "--teacher=/nonexistent/teacher"], "/nonexistent/teacher"),
+    "reference_word": (["--reference_loss=source"], "expected comma-separated numbers"),
     "out_dir_is_a_file": (lambda root, tmp: (tmp / "run").write_text("x") and [], "is not a directory"),
 }
 

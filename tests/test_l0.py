@@ -428,3 +428,57 @@ def test_prune_and_masks_edge_cases(tmp_path):
     # a training sample may close every hidden gate: the masked norms give zeros, not NaN
     idx = torch.randint(0, cfg.vocab_size, (1, 5))
     assert torch.isfinite(model(idx[:, :-1], idx[:, 1:], masks={"hidden_z": torch.zeros(cfg.hidden_size)}))
+
+
+def test_importance_ranks_zeroed_units_last_and_is_deterministic(tmp_path):
+    """activation_importance on a tiny GQA model where one unit of each kind was zeroed: that unit ranks last in
+    its row and gets the lowest log_alpha; the same batches give the same scores; log_alpha stays in range."""
+    from l0 import activation_importance
+    make_hf("llama_gqa", tmp_path)  # 3 layers, hidden 48, 6 query / 2 key-value heads (group 3, head_dim 16), MLP 80
+    model = Transformer.from_pretrained(str(tmp_path))
+    sd = model.state_dict()  # shares the parameters' storage
+    with torch.no_grad():
+        sd["model.layers.0.mlp.gate_proj.weight"][17] = 0  # MLP channel 17 of layer 0: act(0) * up = 0
+        sd["model.layers.1.self_attn.v_proj.weight"][16:32] = 0  # key/value group 1 of layer 1: zero values
+        for i in range(3):  # hidden dimension 5: every block norm writes 0 there
+            sd[f"model.layers.{i}.input_layernorm.weight"][5] = 0
+            sd[f"model.layers.{i}.post_attention_layernorm.weight"][5] = 0
+        sd["model.layers.2.self_attn.o_proj.weight"].zero_()  # layer 2 adds nothing to the residual stream
+        sd["model.layers.2.mlp.down_proj.weight"].zero_()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (2, 24), generator=g),) * 2 for _ in range(3)]
+    scores = activation_importance(model, batches)
+    again = activation_importance(model, batches)
+    assert all(torch.equal(scores[k], again[k]) for k in scores)
+    target = TargetShape(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                         intermediate_size=40)
+    l0 = L0Module(model.config, target)
+    ranks = l0.init_from_importance(scores)
+    assert ranks["intermediate"][0].argmax() == 17 and ranks["head"][1].argmax() == 1
+    assert ranks["hidden"].argmax() == 5 and ranks["layer"].argmax() == 2
+    la = {m: l0.z[m].log_alpha for m in l0.names}
+    assert la["intermediate"][0].argmin() == 17 and la["hidden"].argmin() == 5 and la["layer"].argmin() == 2
+    assert all(((v >= math.log(100) - 3 - 1e-6) & (v <= math.log(100))).all() for v in la.values())
+    # compaction with gates that never moved drops the least important units
+    m = l0.deterministic_masks()
+    assert m["intermediate_z"][0, 17] == 0 and m["hidden_z"][5] == 0 and m["layer_z"][2] == 0 and m["head_z"][1, 1] == 0
+
+
+@pytest.mark.parametrize("src", ["llama2_7b", "qwen2_7b", "neox", "tiny_gqa"])
+def test_target_from_a_parameter_budget(src):
+    from l0 import total_params
+    cfg = {"llama2_7b": LLAMA2_7B, "qwen2_7b": QWEN2_7B, "tiny_gqa": SMALL,
+           "neox": ModelConfig(model_type="gpt_neox", vocab_size=50304, hidden_size=1024, intermediate_size=4096,
+                               num_hidden_layers=24, num_attention_heads=16, partial_rotary_factor=0.25)}[src]
+    full = total_params(cfg)
+    for frac in (0.3, 0.45, 0.6, 0.8):
+        shape = TargetShape.from_budget(cfg, frac)
+        shape.validate(cfg)  # expressible by the family, never larger than the source
+        n = total_params(cfg, shape)
+        assert abs(n / (frac * full) - 1) < (0.05 if src != "tiny_gqa" else 0.15), (frac, shape, n / full)
+        assert shape == TargetShape.from_budget(cfg, frac * full)  # a fraction or a count: the same
+    if src == "llama2_7b":  # Sheared-LLaMA's shapes, at their parameter counts (1.345B, 2.702B)
+        assert TargetShape.from_budget(cfg, 1.345e9) == TargetShape(2048, 24, 16, 16, 5504)
+        assert TargetShape.from_budget(cfg, 2.7e9) == TargetShape(2560, 32, 20, 20, 6912)
+    with pytest.raises(ValueError, match="either target_params or"):
+        TargetShape.resolve(cfg, target_params=0.5, target_hidden_size=256)

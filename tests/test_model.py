@@ -388,3 +388,53 @@ def test_matmul_params_count_the_linear_weights(kw):
     linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert cfg.matmul_params() == sum(linear.values())
     assert cfg.flops_per_token(16) == 6 * sum(linear.values()) + 12 * 3 * 4 * 8 * 16
+
+
+def test_distillation_loss(monkeypatch, tmp_path):
+    """distill_loss: alpha = 0 is the cross-entropy of LinearCrossEntropy (values and gradients); otherwise
+    (1 - a) CE + a T^2 KL(teacher || student) computed on the full logits, in chunks or not; a student equal to its
+    teacher has no KL; the teacher gets no gradient."""
+    import model as model_py
+    make_hf("llama_gqa", tmp_path / "s")
+    make_hf("llama_gqa", tmp_path / "t", seed=1)
+    student, teacher = Transformer.from_pretrained(str(tmp_path / "s")), Transformer.from_pretrained(str(tmp_path / "t"))
+    teacher.requires_grad_(False)
+    idx = tokens(256, B=2, T=17)
+    x, y = idx[:, :-1], idx[:, 1:].clone()
+    y[0, :3] = -100
+
+    def run(alpha, temperature, reference=False):
+        student.zero_grad()
+        with torch.no_grad():
+            ht = teacher.hidden(x)
+        if reference:  # the formula on the full logits
+            zs, zt = student(x).float(), teacher(x).float()
+            ce = F.cross_entropy(zs.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="none").view_as(y)
+            kl = (F.softmax(zt / temperature, -1) * (F.log_softmax(zt / temperature, -1) -
+                                                     F.log_softmax(zs / temperature, -1))).sum(-1)
+            loss = torch.where(y != -100, (1 - alpha) * ce + alpha * temperature ** 2 * kl, 0.0)
+        else:
+            loss, ce = student(x, y, reduction="none", teacher=(ht, teacher.lm_head.weight, alpha, temperature))
+        loss.sum().backward()
+        return loss.detach(), ce.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    plain = student(x, y, reduction="none")
+    plain.sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    loss, ce, grads = run(0.0, 1.0)
+    torch.testing.assert_close(loss, plain.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ce, plain.detach(), atol=1e-6, rtol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5)
+    ref, _, ref_grads = run(0.7, 2.0, reference=True)
+    for chunk in (model_py.LOGITS_CHUNK, 5 * 256):  # one chunk; chunks of 5 tokens with recomputation
+        monkeypatch.setattr(model_py, "LOGITS_CHUNK", chunk)
+        loss, ce, grads = run(0.7, 2.0)
+        torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ce, plain.detach(), atol=1e-6, rtol=1e-6)  # the CE part, for the weighter
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{chunk} {n}: {m}")
+    assert all(p.grad is None for p in teacher.parameters())
+    with torch.no_grad():  # the teacher as its own student: alpha = 1 leaves only the KL, which is 0
+        self_kd, _ = teacher(x, y, reduction="none", teacher=(teacher.hidden(x), teacher.lm_head.weight, 1.0, 1.0))
+    assert self_kd.abs().max() < 1e-5

@@ -164,3 +164,42 @@ def test_activation_checkpointing_changes_nothing(setup, tmp_path):
     a, b = weights(ref), weights(tmp_path / "run")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+KD = ["--distill_alpha=0.6", "--distill_temperature=2", "--distill_prune=true", "--reference_loss=teacher",
+      "--mask_init=importance"]
+
+
+def test_reference_loss_from_the_teacher_is_its_validation_loss(setup, tmp_path):
+    from data import DomainBins
+    root, base, ref = setup
+    out = tmp_path / "run"
+    assert train.main(base + [f"--out_dir={out}", "--prune_steps=0", "--cpt_steps=2", "--reference_loss=teacher"]) == 0
+    first = next(r for r in metrics(out) if "reference_loss/easy" in r)
+    teacher = Transformer.from_pretrained(str(root / "model"))  # init_from: the source model
+    measured = train.evaluate(teacher, DomainBins(root / "data"), 32, 4, 2)  # tiny.py's cpt_seq_len, eval batches
+    assert [first[f"reference_loss/{d}"] for d in ("easy", "mid", "hard")] == pytest.approx(measured, abs=1e-9)
+
+
+def test_distillation_resumes_exactly_and_two_processes_match(setup, tmp_path):
+    # distillation in both stages, references from the teacher, importance init: stopped and resumed == one go,
+    # bit for bit; 2 FSDP processes (teacher blocks sharded too) == 1
+    root, base, ref = setup
+    one, stopped = tmp_path / "one", tmp_path / "stopped"
+    assert train.main(base + KD + [f"--out_dir={one}"]) == 0
+    for extra in (["--stop_at=3"], ["--stop_at=8"], []):
+        assert train.main(base + KD + [f"--out_dir={stopped}"] + extra) == 0
+    a, b = weights(one), weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    same_metrics(one, stopped)
+    rows = metrics(one)
+    assert all("distill_loss" in r for r in rows if "loss" in r)  # distilled in both stages
+    assert not any(torch.equal(a[k], weights(ref)[k]) for k in a if k.endswith("proj.weight"))  # not the plain run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *base, *KD,
+           f"--out_dir={tmp_path / 'two'}"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=2e-5, rtol=2e-5, msg=k)
