@@ -1,14 +1,23 @@
 """
-What the data scheduling buys: the demo (SmolLM2-135M pruned to the demo's target shape on the demo corpus, then
-continued pretraining) run once per domain-weighting method and seed at equal token budgets, every model scored on
-the same 4,096 validation tokens of every domain. Writes bench/results/quality.json (every number, the command and the
-machine), bench/results/quality.md (the tables) and docs/quality.png (the plot).
+What the data scheduling and the recovery options buy, measured on the demo (SmolLM2-135M pruned to the demo's target
+shape on the demo corpus, then continued pretraining): one run per variant and seed at equal token budgets, every
+model scored on the same 4,096 validation tokens of every domain. Two sweeps:
 
-    python bench/quality.py                                  # 4 methods x 2 seeds, 60 + 40 steps: ~70 min on 2 cores
-    python bench/quality.py --methods constant,dro+eval --seeds 1 --prune_steps 20 --cpt_steps 20
+    weighting  constant | sheared | dro | dro+dy+dyall          (--domain_weighting)
+    recovery   ce: the demo as it is (dro+eval, plain cross-entropy) | kd: + distillation from the source model in
+               continued pretraining | kd+teacher: + the DRO reference losses measured on the teacher | kd+teacher+
+               importance: + log_alpha initialised from activation importance
 
-Each run is `train.py config/demo.py` with --domain_weighting, --seed and the budget overridden, in
-out/quality/<method>-s<seed>; an interrupted sweep picks up where it stopped (train.py resumes its runs, and
+Writes bench/results/quality[-recovery].json (every number, the command and the machine), .md (the tables) and
+docs/quality[-recovery].png (the plot). The recovery tables also give the continued-pretraining tokens each variant
+needs to reach the first variant's final mean loss (on the runs' own evaluations, every eval_interval steps).
+
+    python bench/quality.py                                  # weighting: 4 methods x 2 seeds, ~70 min on 2 cores
+    python bench/quality.py --sweep recovery                 # 4 variants x 2 seeds, ~80 min on 2 cores
+    python bench/quality.py --only constant,dro --seeds 1 --prune_steps 20 --cpt_steps 20
+
+Each run is `train.py config/demo.py` with the variant's options, --seed and the budget overridden, in
+out/quality/<variant>-s<seed>; an interrupted sweep picks up where it stopped (train.py resumes its runs, and
 scores already computed are kept in out/quality/scores.json). Needs `make model` and the demo data (`make demo`
 prepares both).
 """
@@ -33,17 +42,26 @@ import train  # noqa: E402
 from data import DomainBins  # noqa: E402
 
 
+KD = ["--distill_alpha=ALPHA"]  # set from --distill_alpha
+SWEEPS = {
+    "weighting": {m: [f"--domain_weighting={m}"] for m in ("constant", "sheared", "dro", "dro+dy+dyall")},
+    "recovery": {"ce": [], "kd": KD, "kd+teacher": KD + ["--reference_loss=teacher"],
+                 "kd+teacher+importance": KD + ["--reference_loss=teacher", "--mask_init=importance"]},
+}
+
+
 def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / f"{method.replace('+', '_')}-s{seed}"
 
 
-def train_run(args, method: str, seed: int) -> Path:
+def train_run(args, method: str, options: list[str], seed: int) -> Path:
     d = run_dir(Path(args.out), method, seed)
+    options = [o.replace("ALPHA", str(args.distill_alpha)) for o in options]
     cmd = [sys.executable, str(ROOT / "train.py"), args.config, f"--init_from={args.model}",
-           f"--data_dir={args.data_dir}", f"--out_dir={d}", f"--domain_weighting={method}", f"--seed={seed}",
+           f"--data_dir={args.data_dir}", f"--out_dir={d}", f"--seed={seed}",
            f"--prune_steps={args.prune_steps}", f"--cpt_steps={args.cpt_steps}",
            f"--eval_interval={args.eval_interval}", f"--save_interval={args.save_interval}", "--keep_checkpoints=1",
-           *args.extra.split()]
+           *args.extra.split(), *options]  # the variant's options last: they win
     if not (d / "done.json").is_file():
         print(f"\n== {method}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
@@ -67,7 +85,9 @@ def summarize(losses) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument("--methods", default="constant,sheared,dro,dro+dy+dyall")
+    ap.add_argument("--sweep", choices=sorted(SWEEPS), default="weighting")
+    ap.add_argument("--only", default="", help="comma-separated variants of the sweep (default: all)")
+    ap.add_argument("--distill_alpha", type=float, default=1.0, help="recovery sweep: the kd variants' distill_alpha")
     ap.add_argument("--seeds", default="1337,1338")
     ap.add_argument("--config", default="config/demo.py")
     ap.add_argument("--model", default="models/smollm2-135m")
@@ -92,7 +112,11 @@ def main():
     ap.add_argument("--clean", action=argparse.BooleanOptionalAction, default=True,
                     help="delete finished runs' checkpoints (default: on)")
     args = ap.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = SWEEPS[args.sweep]
+    methods = [m.strip() for m in args.only.split(",") if m.strip()] or list(variants)
+    if unknown := [m for m in methods if m not in variants]:
+        ap.error(f"unknown variants {unknown} of sweep {args.sweep}: {list(variants)}")
+    suffix = "" if args.sweep == "weighting" else f"-{args.sweep}"
     seeds = [int(s) for s in args.seeds.split(",")]
     os.chdir(ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +139,7 @@ def main():
     runs = []
     for seed in seeds:  # seed-major, so that a partial sweep already compares every method
         for method in methods:
-            d = train_run(args, method, seed)
+            d = train_run(args, method, variants[method], seed)
             metrics = train.read_metrics(str(d))
             end = [r for r in metrics if "stage_seconds" in r]
             weights = {st: [r for r in metrics if r["stage"] == st and f"weight/{bins.domains[0]}" in r]
@@ -130,7 +154,8 @@ def main():
                          for st, w in weights.items() if w},
                 compaction_expected_sparsity=next((r["compaction_expected_sparsity"] for r in end
                                                    if "compaction_expected_sparsity" in r), None),
-                seconds={r["stage"]: r["stage_seconds"] for r in end}))
+                seconds={r["stage"]: r["stage_seconds"] for r in end},
+                cpt_curve=cpt_curve(d, bins.domains)))
 
     # aggregate over seeds
     table = {}
@@ -143,7 +168,12 @@ def main():
                 domains=np.mean([r[when] for r in rs], axis=0).tolist(),
                 **{k: float(np.mean([s[k] for s in per_seed])) for k in ("mean", "worst", "spread")},
                 **{f"{k}_seeds": [s[k] for s in per_seed] for k in ("mean", "worst")})
-    base = table.get("constant")
+    base = table[methods[0]]
+    for r in runs:  # continued-pretraining tokens to reach the first variant's final mean loss, same seed
+        goal = next(b for b in runs if b["method"] == methods[0] and b["seed"] == r["seed"])["cpt_curve"]
+        if goal and r["cpt_curve"]:
+            r["cpt_tokens_to_baseline"] = next((t for t, v in r["cpt_curve"] if v <= goal[-1][1]), None)
+            r["baseline_final_run_eval"] = goal[-1][1]
     result = dict(
         command=" ".join([sys.executable.split("/")[-1], "bench/quality.py"] + sys.argv[1:]),
         date=datetime.date.today().isoformat(),
@@ -152,18 +182,29 @@ def main():
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         budget=dict(prune_steps=args.prune_steps, cpt_steps=args.cpt_steps, eval_interval=args.eval_interval,
                     config=args.config, extra=args.extra),
+        sweep=args.sweep, variants={m: [o.replace("ALPHA", str(args.distill_alpha)) for o in variants[m]]
+                                    for m in methods},
         scoring=dict(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches),
         domains=bins.domains, source=source, runs=runs, table=table)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "quality.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result, base)
-    (results / "quality.md").write_text(md)
+    (results / f"quality{suffix}.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result, methods[0])
+    (results / f"quality{suffix}.md").write_text(md)
     print("\n" + md)
-    plot(result, args.plot)
+    plot(result, args.plot.replace(".png", f"{suffix}.png"))
 
 
-def markdown(res, base) -> str:
+def cpt_curve(d: Path, domains) -> list:
+    """[(continued-pretraining tokens so far, mean validation loss over the domains)] at the run's evaluations."""
+    cfg = json.loads((d / "config.json").read_text())
+    per_step = cfg["cpt_batch_size"] * cfg["cpt_seq_len"]
+    return [(r["step"] * per_step, float(np.mean([r[f"val/{n}"] for n in domains])))
+            for r in train.read_metrics(str(d)) if r["stage"] == "cpt" and f"val/{domains[0]}" in r]
+
+
+def markdown(res, base_name) -> str:
+    base = res["table"][base_name]
     doms, n_seeds = res["domains"], len({r["seed"] for r in res["runs"]})
     tokens = res["scoring"]["batches"] * res["scoring"]["batch_size"] * res["scoring"]["seq_len"]
     lines = [f"Validation loss (nats/token) on {tokens:,} validation tokens per domain, mean over {n_seeds} "
@@ -176,7 +217,7 @@ def markdown(res, base) -> str:
     for when, title in (("pruned", "after pruning (compacted, before continued pretraining)"),
                         ("final", "after continued pretraining")):
         lines += [f"**{title}**", "", "| method | " + " | ".join(doms) + " | mean | worst | spread | "
-                  "worst vs constant | mean vs constant |", "|---" * (len(doms) + 6) + "|"]
+                  f"worst vs {base_name} | mean vs {base_name} |", "|---" * (len(doms) + 6) + "|"]
         if when == "pruned":
             s = summarize(src)
             lines.append("| source model | " + " | ".join(f"{v:.3f}" for v in src) +
@@ -189,6 +230,21 @@ def markdown(res, base) -> str:
                          f" | {t['mean']:.3f} ({', '.join(f'{v:.3f}' for v in t['mean_seeds'])}) "
                          f"| {t['worst']:.3f} ({', '.join(f'{v:.3f}' for v in t['worst_seeds'])}) "
                          f"| {t['spread']:.3f} {rel}|")
+        lines.append("")
+    if any("cpt_tokens_to_baseline" in r for r in res["runs"]):
+        seeds = sorted({r["seed"] for r in res["runs"]})
+        lines += [f"**continued-pretraining tokens to reach {base_name}'s final mean validation loss** (on the runs' "
+                  f"own evaluations every {res['budget']['eval_interval']} steps: the first "
+                  "`eval_batch_size` sequences of each domain; same seed)", "",
+                  "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+        for m in res["table"]:
+            cells = []
+            for s in seeds:
+                r = next((r for r in res["runs"] if r["method"] == m and r["seed"] == s), None)
+                t = None if r is None else r.get("cpt_tokens_to_baseline")
+                budget = r["cpt_curve"][-1][0] if r and r.get("cpt_curve") else 0
+                cells.append(f"{t:,}" if t is not None else f"not reached in {budget:,}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**mean domain weights over the evaluations of each stage** (first seed)", "",
               "| method | stage | " + " | ".join(doms) + " |", "|---" * (len(doms) + 2) + "|"]

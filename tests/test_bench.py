@@ -33,3 +33,21 @@ def test_gpu_script_code_path_on_cpu():
     # bench/gpu.py is meant for GPUs; --device cpu --smoke runs its FSDP2 + masks + optimizer path on a tiny model
     text = run("bench/gpu.py", "--device", "cpu", "--smoke")
     assert "stage prune" in text and "stage cpt" in text and "error" not in text
+
+
+def test_quality_sweep_on_the_tiny_model(setup, tmp_path):
+    # the recovery sweep end to end on the test model: runs, scores, tokens-to-baseline, tables, plot
+    from conftest import TARGET
+    root, base, ref = setup
+    text = run("bench/quality.py", "--sweep", "recovery", "--only", "ce,kd+teacher+importance", "--seeds", "1",
+               "--config", "config/tiny.py", "--model", str(root / "model"), "--data_dir", str(root / "data"),
+               "--prune_steps", "4", "--cpt_steps", "4", "--eval_interval", "2", "--save_interval", "2",
+               "--extra", " ".join(TARGET + ["--reference_loss=1,2,5"]), "--seq_len", "32", "--batch_size", "4", "--batches", "2",
+               "--out", str(tmp_path / "q"), "--results", str(tmp_path / "res"), "--plot", str(tmp_path / "q.png"))
+    res = json.loads((tmp_path / "res" / "quality-recovery.json").read_text())
+    assert [r["method"] for r in res["runs"]] == ["ce", "kd+teacher+importance"]
+    assert res["variants"]["kd+teacher+importance"] == ["--distill_alpha=1.0", "--reference_loss=teacher",
+                                                         "--mask_init=importance"]
+    ce = res["runs"][0]
+    assert ce["cpt_tokens_to_baseline"] == ce["cpt_curve"][-1][0]  # the baseline reaches its own final loss last
+    assert "tokens to reach ce's final mean" in text and (tmp_path / "q-recovery.png").stat().st_size > 1000
