@@ -436,29 +436,81 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh, dw.to(weight.dtype), None, None, None
 
 
+def _distill_(zs, zt, t, alpha: float, temperature: float, grad: bool):
+    """Per-token distillation loss and cross-entropy, (c,) each, from the fp32 logits zs (student) and zt (teacher),
+    (c, V) each, both overwritten; if grad, also the loss's gradient w.r.t. zs, (c, V):
+    (1 - a)(softmax(zs) - onehot(t)) + a T (softmax(zs / T) - softmax(zt / T))."""
+    T, valid, idx = temperature, t != -100, t.clamp(min=0)[:, None]
+    log_ps = zs.log_softmax(-1)  # the student, for the cross-entropy
+    ce = -log_ps.gather(-1, idx)[:, 0]
+    log_ps_t = log_ps if T == 1 else zs.div_(T).log_softmax(-1)  # the student at temperature T
+    log_pt = zt.div_(T).log_softmax(-1)  # the teacher at temperature T
+    pt = log_pt.exp()
+    kl = (pt * log_pt.sub_(log_ps_t)).sum(-1)  # KL(teacher || student)
+    loss = torch.where(valid, (1 - alpha) * ce + alpha * T * T * kl, 0.0)
+    g = None
+    if grad:
+        g = log_ps.exp_()  # softmax(zs), in place
+        if T != 1:  # (T = 1: (1 - a) softmax(zs) + a softmax(zs / T) is softmax(zs) itself)
+            g.mul_(1 - alpha).add_(log_ps_t.exp_(), alpha=alpha * T)
+        g.add_(pt, alpha=-alpha * T)
+        g.scatter_add_(-1, idx, -(1 - alpha) * valid[:, None].to(g.dtype))
+    return loss, torch.where(valid, ce, 0.0), g
+
+
+class LinearDistill(torch.autograd.Function):
+    """Knowledge distillation per token: (1 - a) CE + a T^2 KL(p_teacher || p_student), the two distributions
+    softmax(logits / T) (Hinton et al.; T^2 keeps the soft term's gradient scale independent of T), for the student
+    logits h @ w.T and the teacher logits ht @ wt.T (no gradient). Like LinearCrossEntropy: up to `chunk` tokens
+    the forward keeps the gradient w.r.t. the student's logits and the backward is two matmuls; above, `chunk`
+    tokens at a time and the backward recomputes both models' logits, so neither's (N, V) logits ever exist.
+
+    h (N, d), w (V, d), ht (N, d_t), wt (V, d_t), targets (N,) with -100 = ignore -> loss (N,) and the plain
+    cross-entropy (N,) (no gradient; what the domain weighter reads), fp32, 0 where ignored."""
+
+    @staticmethod
+    def forward(ctx, h, w, ht, wt, targets, alpha: float, temperature: float, chunk: int, grad: bool = True):
+        dev = h.device.type
+        ctx.mm_dtype = mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        ctx.args, ctx.stored = (alpha, temperature, chunk), grad and len(h) <= chunk
+        loss, ce = torch.empty(len(h), device=h.device, dtype=dtype), torch.empty(len(h), device=h.device, dtype=dtype)
+        with torch.autocast(dev, enabled=False):
+            for i in range(0, len(h), chunk):
+                zs = (h[i:i + chunk].to(mm) @ w.to(mm).T).to(dtype)  # (c, V)
+                zt = (ht[i:i + chunk].to(mm) @ wt.to(mm).T).to(dtype)
+                loss[i:i + chunk], ce[i:i + chunk], g = _distill_(zs, zt, targets[i:i + chunk], alpha, temperature,
+                                                                  ctx.stored)
+        ctx.save_for_backward(h, w, ht, wt, targets, g if ctx.stored else None)
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        h, w, ht, wt, targets, g = ctx.saved_tensors
+        (alpha, temperature, c), mm = ctx.args, ctx.mm_dtype
+        s = torch.where(targets != -100, grad, 0.0)[:, None]  # (N, 1) d total / d loss_i
+        dh = torch.empty_like(h)
+        dw = torch.zeros(w.shape, device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, len(h), c):
+                hc = h[i:i + c].to(mm)
+                if g is None:  # recompute the chunk's logits, both models'
+                    zs = (hc @ w.to(mm).T).to(s.dtype)
+                    zt = (ht[i:i + c].to(mm) @ wt.to(mm).T).to(s.dtype)
+                    gc = _distill_(zs, zt, targets[i:i + c], alpha, temperature, True)[2]
+                else:
+                    gc = g
+                gc = (gc * s[i:i + c]).to(mm)  # d loss / d student logits
+                dh[i:i + c] = (gc @ w.to(mm)).to(h.dtype)
+                dw += (gc.T @ hc).to(dw.dtype)
+        return dh, dw.to(w.dtype), None, None, None, None, None, None, None
+
+
 def distill_loss(h, w, ht, wt, targets, alpha: float, temperature: float, chunk: int):
-    """Knowledge distillation per token: (1 - alpha) CE + alpha T^2 KL(p_teacher || p_student), the two
-    distributions softmax(logits / T) (Hinton et al.; T^2 keeps the soft term's gradient scale independent of T),
-    student logits h @ w.T, teacher logits ht @ wt.T (no gradient). Returns (loss, ce), both (N,) fp32, 0 where a
-    target is -100; ce is the plain cross-entropy, which the domain weighter keeps reading.
-
-    `chunk` tokens at a time, each chunk recomputed in the backward (activation checkpointing): no (N, V) tensor of
-    the student's or the teacher's logits ever exists for the whole batch, only a few (chunk, V) ones."""
-    def one(hc, htc, tc):
-        zs = F.linear(hc, w).float()  # (c, V), the matmul in autocast's dtype if on
-        with torch.no_grad():
-            log_pt = F.log_softmax(F.linear(htc.to(wt.dtype), wt).float() / temperature, -1)  # (c, V)
-        ce = F.cross_entropy(zs, tc.clamp(min=0), reduction="none")
-        kl = F.kl_div(F.log_softmax(zs / temperature, -1), log_pt, log_target=True, reduction="none").sum(-1)
-        valid = tc != -100
-        return (torch.where(valid, (1 - alpha) * ce + alpha * temperature ** 2 * kl, 0.0),
-                torch.where(valid, ce, 0.0).detach())
-
+    """(loss, ce) per token of LinearDistill; no gradient work when none is wanted."""
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-    outs = [torch.utils.checkpoint.checkpoint(one, h[i:i + chunk], ht[i:i + chunk], targets[i:i + chunk],
-                                              use_reentrant=False) if grad else
-            one(h[i:i + chunk], ht[i:i + chunk], targets[i:i + chunk]) for i in range(0, len(h), chunk)]
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return LinearDistill.apply(h, w, ht.detach(), wt.detach(), targets, alpha, temperature, chunk, grad)
 
 
 # -----------------------------------------------------------------------------

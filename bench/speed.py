@@ -15,6 +15,8 @@ Rows (random weights, shared by both implementations, one AdamW over them, so on
              attention); with --compile also ours with torch.compile'd blocks (train.py --compile=true)
   forward    forward with the loss, no gradients, ours vs transformers'
   loss       the lm_head and the loss alone, forward and backward: our LinearCrossEntropy vs F.cross_entropy
+  distill    distillation's loss alone (student and teacher heads, forward and backward): our LinearDistill vs
+             the same formula in torch.nn.functional autograd, and vs the plain cross-entropy (what it adds)
   adamw      the optimizer step alone over the model's weights: torch's for-loop AdamW vs its fused kernel
   prune      masked step (masks drawn per micro-batch, Lagrangian, L0 optimizer) vs the dense step, 2 micro-batches
   compact    forward of the compacted model (pruned to the target shape) vs its source, next to the ratio of the
@@ -278,6 +280,33 @@ def candidates(shape: str, args, device, dtype) -> dict:
             return step
         return setup
 
+    def distill(kind):
+        def setup():  # distillation's loss alone (student and teacher heads), forward and backward
+            g = torch.Generator().manual_seed(2)
+            h, ht = (torch.randn(B * T, cfg.hidden_size, generator=g).to(device, dtype) for _ in range(2))
+            h.requires_grad_()
+            w, wt = ((torch.randn(V, cfg.hidden_size, generator=g) * 0.02).to(device, dtype) for _ in range(2))
+            w.requires_grad_()
+            t = torch.randint(0, V, (B * T,), generator=g).to(device)
+            import model as model_py
+            chunk = max(1, model_py.LOGITS_CHUNK // V)
+
+            def step():
+                h.grad = w.grad = None
+                with autocast:
+                    if kind == "ours":
+                        out = model_py.LinearDistill.apply(h, w, ht, wt, t, 0.5, 2.0, chunk, True)[0]
+                    elif kind == "autograd":  # the formula as one writes it with torch.nn.functional
+                        zs, zt = F.linear(h, w).float(), F.linear(ht, wt).float()
+                        kl = F.kl_div(F.log_softmax(zs / 2, -1), F.log_softmax(zt / 2, -1), log_target=True,
+                                      reduction="none").sum(-1)
+                        out = 0.5 * F.cross_entropy(zs, t, reduction="none") + 0.5 * 4 * kl
+                    else:
+                        out = LinearCrossEntropy.apply(h, w, t, chunk, True)
+                out.sum().backward()
+            return step
+        return setup
+
     def adamw(fused):
         def setup():
             model = base()[0]
@@ -298,6 +327,8 @@ def candidates(shape: str, args, device, dtype) -> dict:
            for name, kind in kinds.items()}
     return out | {
         "loss/ours": (loss(True), tok, "loss"), "loss/F.cross_entropy": (loss(False), tok, "loss"),
+        "distill/ours": (distill("ours"), tok, "distill"), "distill/autograd": (distill("autograd"), tok, "distill"),
+        "distill/cross-entropy": (distill("ce"), tok, "distill"),
         "adamw/for-loop": (adamw(False), n_params, "adamw"), "adamw/fused": (adamw(True), n_params, "adamw"),
         "prune/dense": (dense_accum, tok, "prune"), "prune/masked": (prune_step, tok, "prune"),
         "prune/matmul": (matmul, mm_flops, "prune"),
@@ -330,7 +361,7 @@ def memory_probe(shape, name, args, device, dtype):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--shapes", default="smollm2-135m,llama-0.5b", help=f"comma-separated, of {', '.join(SHAPES)}")
-    ap.add_argument("--rows", default="train,forward,loss,adamw,prune,compact")
+    ap.add_argument("--rows", default="train,forward,loss,distill,adamw,prune,compact")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5, help="timed calls of each candidate (plus one warm-up)")
@@ -388,6 +419,10 @@ def main():
             elif group == "loss":
                 row["ratio"] = t["loss/F.cross_entropy"] / t["loss/ours"]
                 row["ratio_range"] = spread("loss/F.cross_entropy", "loss/ours")
+            elif group == "distill":
+                row["ratio"] = t["distill/autograd"] / t["distill/ours"]
+                row["ratio_range"] = spread("distill/autograd", "distill/ours")
+                row["over_cross_entropy"] = t["distill/ours"] / t["distill/cross-entropy"]
             else:  # our tokens/s over theirs
                 row["ratio"] = t[f"{group}/transformers"] / t[f"{group}/ours"]
                 row["ratio_range"] = spread(f"{group}/transformers", f"{group}/ours")
@@ -439,6 +474,9 @@ def describe(row) -> str:
         extra = f"compacted forward {row['speedup']:.2f}x faster for {row['weight_ratio']:.2f}x fewer matmul weights"
     elif row["group"] == "loss":
         extra = f"F.cross_entropy / ours: {row['ratio']:.3f}x"
+    elif row["group"] == "distill":
+        extra = (f"autograd / ours: {row['ratio']:.3f}x; ours / cross-entropy alone: "
+                 f"{row['over_cross_entropy']:.2f}x")
     elif row["group"] == "adamw":
         tps = ", ".join(f"{k.split('/')[1]} {1e3 * v:.0f} ms" for k, v in row["seconds"].items())
         extra = f"for-loop / fused: {row['ratio']:.2f}x"

@@ -426,14 +426,24 @@ def test_distillation_loss(monkeypatch, tmp_path):
     torch.testing.assert_close(ce, plain.detach(), atol=1e-6, rtol=1e-6)
     for n in grads:
         torch.testing.assert_close(grads[n], plain_grads[n], atol=1e-6, rtol=1e-5)
-    ref, _, ref_grads = run(0.7, 2.0, reference=True)
-    for chunk in (model_py.LOGITS_CHUNK, 5 * 256):  # one chunk; chunks of 5 tokens with recomputation
-        monkeypatch.setattr(model_py, "LOGITS_CHUNK", chunk)
-        loss, ce, grads = run(0.7, 2.0)
-        torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(ce, plain.detach(), atol=1e-6, rtol=1e-6)  # the CE part, for the weighter
-        for n in grads:
-            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{chunk} {n}: {m}")
+    for alpha, temperature in ((0.7, 2.0), (0.5, 1.0)):
+        ref, _, ref_grads = run(alpha, temperature, reference=True)
+        for chunk in (model_py.LOGITS_CHUNK, 5 * 256):  # gradient kept by the forward; chunks of 5, recomputed
+            monkeypatch.setattr(model_py, "LOGITS_CHUNK", chunk)
+            loss, ce, grads = run(alpha, temperature)
+            torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ce, plain.detach(), atol=1e-6, rtol=1e-6)  # the CE part, for the weighter
+            for n in grads:
+                torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5,
+                                           msg=lambda m: f"{alpha} {temperature} {chunk} {n}: {m}")
+    g = torch.Generator().manual_seed(0)
+    h, w = (torch.randn(n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (11, 30))
+    ht, wt = torch.randn(11, 6, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 30, (11,), generator=g)
+    t[3] = -100
+    for chunk in (4, 11):
+        assert torch.autograd.gradcheck(lambda h, w: model_py.LinearDistill.apply(h, w, ht, wt, t, 0.6, 1.5, chunk)[0],
+                                        (h, w))
     assert all(p.grad is None for p in teacher.parameters())
     with torch.no_grad():  # the teacher as its own student: alpha = 1 leaves only the KL, which is 0
         self_kd, _ = teacher(x, y, reduction="none", teacher=(teacher.hidden(x), teacher.lm_head.weight, 1.0, 1.0))
