@@ -858,7 +858,7 @@ class Run:
         state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False) if resume else None
         src_path = convert._resolve(resolve_init(c.init_from))
         teacher_path = convert._resolve(resolve_init(c.teacher)) if c.teacher else src_path
-        need_teacher = c.distill_alpha > 0 or c.reference_loss == "teacher"
+        need_teacher = c.reference_loss == "teacher" or c.distill_alpha > 0 and (c.cpt_steps > 0 or c.distill_prune)
         mcfg = sd = tcfg = tsd = None
         if state is None:
             mcfg, sd = self.load_source(src_path)
