@@ -224,8 +224,8 @@ def markdown(res, base_name) -> str:
                          f" | {s['mean']:.3f} | {s['worst']:.3f} | {s['spread']:.3f} | | |")
         for m, t in res["table"].items():
             t = t[when]
-            rel = ("| | " if base is None else
-                   f"| {100 * (t['worst'] / base[when]['worst'] - 1):+.1f}% | {100 * (t['mean'] / base[when]['mean'] - 1):+.1f}% ")
+            rel = (f"| {100 * (t['worst'] / base[when]['worst'] - 1):+.1f}% "
+                   f"| {100 * (t['mean'] / base[when]['mean'] - 1):+.1f}% ")
             lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in t["domains"]) +
                          f" | {t['mean']:.3f} ({', '.join(f'{v:.3f}' for v in t['mean_seeds'])}) "
                          f"| {t['worst']:.3f} ({', '.join(f'{v:.3f}' for v in t['worst_seeds'])}) "

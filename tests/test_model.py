@@ -397,7 +397,8 @@ def test_distillation_loss(monkeypatch, tmp_path):
     import model as model_py
     make_hf("llama_gqa", tmp_path / "s")
     make_hf("llama_gqa", tmp_path / "t", seed=1)
-    student, teacher = Transformer.from_pretrained(str(tmp_path / "s")), Transformer.from_pretrained(str(tmp_path / "t"))
+    student = Transformer.from_pretrained(str(tmp_path / "s"))
+    teacher = Transformer.from_pretrained(str(tmp_path / "t"))
     teacher.requires_grad_(False)
     idx = tokens(256, B=2, T=17)
     x, y = idx[:, :-1], idx[:, 1:].clone()
