@@ -36,7 +36,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -137,7 +139,12 @@ class ConfigError(ValueError):
 
 
 class StopRun(Exception):
-    """stop_at reached: the run is checkpointed and resumes when started again."""
+    """stop_at reached, or SIGTERM: the run is checkpointed and resumes when started again; `code` is the exit
+    status (0 for stop_at, 143 = 128 + SIGTERM for a termination)."""
+
+    def __init__(self, msg: str, code: int = 0):
+        super().__init__(msg)
+        self.code = code
 
 
 def _coerce(name: str, value, typ: str, from_cli: bool):
@@ -527,6 +534,15 @@ class Run:
                 raise ConfigError(f"{s.name} stage: {e}") from None
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.wandb = None
+        self.sigterm = False  # set by the SIGTERM handler; the step in progress finishes first
+
+    def terminated(self) -> bool:
+        """Has any rank received SIGTERM? Every rank must stop at the same step: one scalar all-reduce per step."""
+        if self.world == 1:
+            return self.sigterm
+        flag = torch.tensor([float(self.sigterm)], device=self.device)
+        all_reduce(flag)
+        return bool(flag.item())
 
     def per_domain(self, name, value) -> list | None:
         """A {domain: value} dict or a list in the data's domain order -> a list in the data's domain order."""
@@ -635,6 +651,11 @@ class Run:
                     self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
                 raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
                               "without stop_at (or with a later one) to resume")
+            if self.terminated():  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
+                if saved != step:
+                    self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
+                raise StopRun(f"terminated (SIGTERM) at step {offset + step}, with a checkpoint; run the same command "
+                              "again to resume", code=143)
             f = lr_factor(step, stage, c.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = stage.lr * f
@@ -1289,11 +1310,16 @@ def main(argv=None):
         return report_main(argv[1:])
     # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-    lock = None
+    lock = old_sigterm = None
     try:
         cfg = load_config(argv)
         run = Run(cfg)
         lock = lock_out_dir(cfg.out_dir, run.master)  # held until the run ends
+
+        def on_sigterm(signum, frame):
+            run.sigterm = True
+        if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
+            old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
         if prepare_out_dir(cfg, run.master, run.log) == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
@@ -1309,6 +1335,7 @@ def main(argv=None):
     except StopRun as e:
         run.log(str(e))
         barrier()
+        return e.code
     except (ConfigError, convert.ConvertError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -1328,6 +1355,8 @@ def main(argv=None):
     finally:
         if lock is not None:  # released now, not when a traceback holding this frame is collected
             lock.close()
+        if old_sigterm is not None:  # in-process callers (tests, notebooks) get their handler back
+            signal.signal(signal.SIGTERM, old_sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -580,3 +580,24 @@ def test_train_on_a_dataset_of_another_tokenizer(prepared, setup, tmp_path, caps
                               f"--out_dir={tmp_path / 'run'}", "--reference_loss=1,2,3"]) == 2
     one_line(capsys.readouterr().err, "was tokenized with another tokenizer", "prepare.py --tokenizer")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sigterm_saves_and_resumes(setup, tmp_path):
+    # a scheduler's SIGTERM (before its SIGKILL): the step in progress finishes, a checkpoint is written at the next
+    # step boundary (not only at save_interval), exit 143; the same command resumes to the uninterrupted weights
+    root, base, ref = setup
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *base, f"--out_dir={run}", "--save_interval=100"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(r.get("step", 0) >= 2 for r in train.read_metrics(run)) and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM) at step" in out and "run the same command again" in out
+    ckpts = [os.path.basename(c) for c in convert.checkpoints(run)]
+    assert len(ckpts) == 1 and ckpts[0].startswith("0-prune-")  # saved where it stopped, not at save_interval
+    r = train_cli(base, run, "--save_interval=100")
+    assert r.returncode == 0 and f"resumed prune at step {int(ckpts[0].split('-')[-1])}" in r.stdout, r.stderr[-2000:]
+    same_weights(ref, run)
