@@ -6,7 +6,8 @@ model scored on the same 4,096 validation tokens of every domain. Two sweeps:
     weighting  constant | sheared | dro | dro+dy+dyall          (--domain_weighting)
     recovery   ce: the demo as it is (dro+eval, plain cross-entropy) | kd: + distillation from the source model in
                continued pretraining | kd+teacher: + the DRO reference losses measured on the teacher | kd+teacher+
-               importance: + log_alpha initialised from activation importance
+               importance: + log_alpha initialised from activation importance | importance: ce with that
+               initialisation alone
 
 Writes bench/results/quality[-recovery].json (every number, the command and the machine), .md (the tables) and
 docs/quality[-recovery].png (the plot). The recovery tables also give the continued-pretraining tokens each variant
@@ -46,7 +47,8 @@ KD = ["--distill_alpha=ALPHA"]  # set from --distill_alpha
 SWEEPS = {
     "weighting": {m: [f"--domain_weighting={m}"] for m in ("constant", "sheared", "dro", "dro+dy+dyall")},
     "recovery": {"ce": [], "kd": KD, "kd+teacher": KD + ["--reference_loss=teacher"],
-                 "kd+teacher+importance": KD + ["--reference_loss=teacher", "--mask_init=importance"]},
+                 "kd+teacher+importance": KD + ["--reference_loss=teacher", "--mask_init=importance"],
+                 "importance": ["--mask_init=importance"]},
 }
 
 
@@ -155,6 +157,8 @@ def main():
                 compaction_expected_sparsity=next((r["compaction_expected_sparsity"] for r in end
                                                    if "compaction_expected_sparsity" in r), None),
                 seconds={r["stage"]: r["stage_seconds"] for r in end},
+                cpt_tokens_per_s=next((r["stage_tokens_per_s"] for r in end if r["stage"] == "cpt"), None),
+                peak_memory_gb={r["stage"]: r["peak_memory_gb"] for r in end},
                 cpt_curve=cpt_curve(d, bins.domains)))
 
     # aggregate over seeds
@@ -172,8 +176,10 @@ def main():
     for r in runs:  # continued-pretraining tokens to reach the first variant's final mean loss, same seed
         goal = next(b for b in runs if b["method"] == methods[0] and b["seed"] == r["seed"])["cpt_curve"]
         if goal and r["cpt_curve"]:
-            r["cpt_tokens_to_baseline"] = next((t for t, v in r["cpt_curve"] if v <= goal[-1][1]), None)
+            r["cpt_tokens_to_baseline"] = t = next((t for t, v in r["cpt_curve"] if v <= goal[-1][1]), None)
             r["baseline_final_run_eval"] = goal[-1][1]
+            # at this run's own training speed (evaluations excluded): what the tokens cost in time
+            r["cpt_seconds_to_baseline"] = None if t is None else t / r["cpt_tokens_per_s"]
     result = dict(
         command=" ".join([sys.executable.split("/")[-1], "bench/quality.py"] + sys.argv[1:]),
         date=datetime.date.today().isoformat(),
@@ -235,7 +241,8 @@ def markdown(res, base_name) -> str:
         seeds = sorted({r["seed"] for r in res["runs"]})
         lines += [f"**continued-pretraining tokens to reach {base_name}'s final mean validation loss** (on the runs' "
                   f"own evaluations every {res['budget']['eval_interval']} steps: the first "
-                  "`eval_batch_size` sequences of each domain; same seed)", "",
+                  "`eval_batch_size` sequences of each domain; same seed), and in brackets the seconds of training "
+                  "they took at the run's own speed", "",
                   "| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
         for m in res["table"]:
             cells = []
@@ -243,7 +250,8 @@ def markdown(res, base_name) -> str:
                 r = next((r for r in res["runs"] if r["method"] == m and r["seed"] == s), None)
                 t = None if r is None else r.get("cpt_tokens_to_baseline")
                 budget = r["cpt_curve"][-1][0] if r and r.get("cpt_curve") else 0
-                cells.append(f"{t:,}" if t is not None else f"not reached in {budget:,}")
+                sec = None if r is None else r.get("cpt_seconds_to_baseline")
+                cells.append(f"{t:,} ({sec:.0f} s)" if t is not None else f"not reached in {budget:,}")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["**mean domain weights over the evaluations of each stage** (first seed)", "",
