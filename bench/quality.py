@@ -6,8 +6,7 @@ model scored on the same 4,096 validation tokens of every domain. Two sweeps:
     weighting  constant | sheared | dro | dro+dy+dyall          (--domain_weighting)
     recovery   ce: the demo as it is (dro+eval, plain cross-entropy) | kd: + distillation from the source model in
                continued pretraining | kd+teacher: + the DRO reference losses measured on the teacher | kd+teacher+
-               importance: + log_alpha initialised from activation importance | importance: ce with that
-               initialisation alone
+               importance: + log_alpha initialised from activation importance
 
 Writes bench/results/quality[-recovery].json (every number, the command and the machine), .md (the tables) and
 docs/quality[-recovery].png (the plot). The recovery tables also give the continued-pretraining tokens each variant
@@ -47,8 +46,7 @@ KD = ["--distill_alpha=ALPHA"]  # set from --distill_alpha
 SWEEPS = {
     "weighting": {m: [f"--domain_weighting={m}"] for m in ("constant", "sheared", "dro", "dro+dy+dyall")},
     "recovery": {"ce": [], "kd": KD, "kd+teacher": KD + ["--reference_loss=teacher"],
-                 "kd+teacher+importance": KD + ["--reference_loss=teacher", "--mask_init=importance"],
-                 "importance": ["--mask_init=importance"]},
+                 "kd+teacher+importance": KD + ["--reference_loss=teacher", "--mask_init=importance"]},
 }
 
 
