@@ -1260,17 +1260,20 @@ def prepare_out_dir(cfg: TrainConfig, master: bool, log=print) -> str:
     path = os.path.join(cfg.out_dir, "config.json")
     status = "run"
     if os.path.isfile(path):
+        started = os.path.isfile(os.path.join(cfg.out_dir, "done.json")) or convert.checkpoints(cfg.out_dir)
         try:
             with open(path) as f:
                 old = json.load(f)
-            assert isinstance(old, dict)
-        except (ValueError, AssertionError):
-            raise ConfigError(f"{path} is corrupted; restore it, or pass --overwrite=true to start the run in "
-                              f"{cfg.out_dir} over") from None
+        except ValueError:
+            old = None
+        if not isinstance(old, dict):
+            if started and not cfg.overwrite:
+                raise ConfigError(f"{path} is corrupted; restore it, or pass --overwrite=true to start the run in "
+                                  f"{cfg.out_dir} over")
+            old = {"config.json": "corrupted"}  # differs from any config
         mine = asdict(cfg)
         allowed = {k.strip() for k in cfg.allow_changes.split(",") if k.strip()}
         diff = sorted(k for k in set(old) | set(mine) if k not in RESUMABLE and old.get(k) != mine.get(k))
-        started = os.path.isfile(os.path.join(cfg.out_dir, "done.json")) or convert.checkpoints(cfg.out_dir)
         if diff and not started:  # an attempt that failed before its first checkpoint: nothing to protect or resume
             diff = []
         if diff and not cfg.overwrite:

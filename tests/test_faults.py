@@ -285,6 +285,8 @@ def test_corrupted_run_config_is_refused(setup, stopped, tmp_path, capsys):
     assert train.main(base + [f"--out_dir={run}"]) == 2
     one_line(capsys.readouterr().err, "config.json is corrupted", "--overwrite=true")
     assert tree(run) == before
+    assert train.main(base + [f"--out_dir={run}", "--overwrite=true", "--stop_at=2"]) == 0  # as it says: over
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["0-prune-00000002"]
 
 
 def test_out_dir_in_use_is_refused(setup, stopped, tmp_path, capsys):
