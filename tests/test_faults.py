@@ -86,20 +86,21 @@ def _config_file(text):
     return make
 
 
-def _data(edit):
+def _damaged(name, key, edit):
+    """A copy of the fixture's `name` directory, damaged by edit(copy), passed as --key."""
     def make(root, tmp):
-        shutil.copytree(root / "data", tmp / "data")
-        edit(tmp / "data")
-        return [f"--data_dir={tmp / 'data'}"]
+        shutil.copytree(root / name, tmp / name)
+        edit(tmp / name)
+        return [f"--{key}={tmp / name}"]
     return make
+
+
+def _data(edit):
+    return _damaged("data", "data_dir", edit)
 
 
 def _model(edit):
-    def make(root, tmp):
-        shutil.copytree(root / "model", tmp / "model")
-        edit(tmp / "model")
-        return [f"--init_from={tmp / 'model'}"]
-    return make
+    return _damaged("model", "init_from", edit)
 
 
 def _meta(change):
