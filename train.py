@@ -534,15 +534,7 @@ class Run:
                 raise ConfigError(f"{s.name} stage: {e}") from None
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.wandb = None
-        self.sigterm = False  # set by the SIGTERM handler; the step in progress finishes first
-
-    def terminated(self) -> bool:
-        """Has any rank received SIGTERM? Every rank must stop at the same step: one scalar all-reduce per step."""
-        if self.world == 1:
-            return self.sigterm
-        flag = torch.tensor([float(self.sigterm)], device=self.device)
-        all_reduce(flag)
-        return bool(flag.item())
+        self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
 
     def per_domain(self, name, value) -> list | None:
         """A {domain: value} dict or a list in the data's domain order -> a list in the data's domain order."""
@@ -643,7 +635,7 @@ class Run:
             if stage.name == "cpt" and offset and resume_path is None:  # right after compaction: never prune twice
                 self.save(model, opt, None, None, sampler, weighter, stage.name, step)
                 saved = step
-        t0, tokens_since = time.perf_counter(), 0
+        t0, tokens_since, terminated = time.perf_counter(), 0, False
         while step < stage.steps:
             t_step = time.perf_counter()
             if c.stop_at and offset + step >= c.stop_at:
@@ -651,7 +643,7 @@ class Run:
                     self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
                 raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
                               "without stop_at (or with a later one) to resume")
-            if self.terminated():  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
+            if terminated:  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
                 if saved != step:
                     self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
                 raise StopRun(f"terminated (SIGTERM) at step {offset + step}, with a checkpoint; run the same command "
@@ -687,11 +679,13 @@ class Run:
             if l0 is not None:
                 l0.lagrangian(step).backward()
                 l0.all_reduce_grads_()
-            all_reduce(loss_sums)
-            all_reduce(counts)
+            # one all-reduce per step: per-domain loss sums and token counts, the distillation objective's sum, and
+            # whether any rank got SIGTERM (so that every rank stops at the same step boundary)
+            stats = torch.cat([loss_sums, counts, kd_sum, kd_sum.new_tensor([float(self.sigterm)])])
+            all_reduce(stats)
+            loss_sums, counts, kd_sum, terminated = stats[:D], stats[D:2 * D], stats[2 * D], bool(stats[-1] > 0)
             loss = float(loss_sums.sum() / counts.sum())  # cross-entropy, also when the objective is distillation
             if kd:
-                all_reduce(kd_sum)
                 kd_loss = float(kd_sum / counts.sum())
                 loss = loss if math.isfinite(kd_loss) else kd_loss
             if not math.isfinite(loss):
@@ -1298,10 +1292,8 @@ def prepare_out_dir(cfg: TrainConfig, master: bool, log=print) -> str:
     barrier()
     if master and status != "done":
         os.makedirs(cfg.out_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
-        os.replace(tmp, path)
+        text = json.dumps(asdict(cfg), indent=1).encode()
+        _write_durably(path, lambda f: f.write(text), atomic=True)
     return status
 
 
