@@ -4,6 +4,9 @@ Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` 
 
     python convert.py to-hf SRC OUT [--dtype bfloat16] [--max-shard-size 5GB] [--force]
     python convert.py to-hf out/run OUT      # a train.py run's latest checkpoint (compacted if still pruning)
+    python convert.py verify DIR             # transformers and our model compute the same logits
+
+    model = convert.load_model(path)         # HF dir, hub id, .gguf or run directory -> Transformer
 
 SRC is a local Hugging Face directory (model.safetensors, sharded safetensors with model.safetensors.index.json,
 or pytorch_model*.bin), a hub id already in the local hub cache (or downloadable when online), or a .gguf file
@@ -17,7 +20,6 @@ fused query_key_value (per head [q | k | v]) is split into q_proj / k_proj / v_p
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -31,7 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model import ModelConfig, Transformer
+from checkpoint import CheckpointError, is_run_dir, load_run
+from model import ModelConfig, Transformer, tied_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -90,7 +93,7 @@ def hf_to_ours(sd: dict, cfg: ModelConfig) -> dict:
 
 
 def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
-    sd = {k: v for k, v in sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    sd = tied_state_dict(cfg, sd, lm_head=False)
     if not cfg.neox:
         return sd
     nh, hs = cfg.num_attention_heads, cfg.head_dim
@@ -111,7 +114,7 @@ def ours_to_hf(sd: dict, cfg: ModelConfig) -> dict:
 # -----------------------------------------------------------------------------
 # reading
 
-def _resolve(src: str) -> str:
+def resolve(src: str) -> str:
     """A local directory or .gguf file for SRC; a hub id is fetched through huggingface_hub (the cache when offline)."""
     if os.path.isdir(src) or src.endswith(".gguf"):
         if not os.path.exists(src):
@@ -223,97 +226,10 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
     return cfg, sd
 
 
-# -----------------------------------------------------------------------------
-# train.py checkpoints: RUN/checkpoints/<k>-<stage>-<step>/ holds the DCP shards and .metadata, state.pt (loop
-# state) and manifest.json (each file's size and sha256). All are written in a hidden .tmp- directory that is
-# renamed into place once complete, so a listed checkpoint was whole when written; the manifest catches what
-# happened to it since (a truncated copy, a bad disk block, a file someone replaced).
-
-MANIFEST = "manifest.json"
-
-
-def hash_files(paths: list[str]) -> dict[str, tuple[int, str]]:
-    """{path: (size, sha256 hex)}, files hashed in parallel threads (hashlib releases the GIL on large reads)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(path):
-        with open(path, "rb") as f:
-            return os.fstat(f.fileno()).st_size, hashlib.file_digest(f, "sha256").hexdigest()
-    with ThreadPoolExecutor(max(1, min(8, len(paths)))) as ex:
-        return dict(zip(paths, ex.map(one, paths)))
-
-
-def checkpoints(run_dir: str) -> list[str]:
-    """A run's checkpoint directories, oldest first (hidden ones are unfinished saves or set aside as damaged)."""
-    root = os.path.join(run_dir, "checkpoints")
-    names = sorted(d for d in os.listdir(root) if not d.startswith(".") and (
-        os.path.isfile(os.path.join(root, d, MANIFEST)) or os.path.isfile(os.path.join(root, d, "state.pt")))
-    ) if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in names]
-
-
-def check_checkpoint(ckpt: str, rank: int = 0, world: int = 1) -> str | None:
-    """None if every file in ckpt's manifest has its recorded size (all checked) and sha256 (this rank hashes
-    every world-th file, so several ranks share the reading); otherwise what is wrong, in a few words."""
-    path = os.path.join(ckpt, MANIFEST)
-    if not os.path.isfile(path):
-        return None  # written before checkpoints had manifests: nothing to check against
-    try:
-        with open(path) as f:
-            files = {str(k): (int(v[0]), str(v[1])) for k, v in json.load(f)["files"].items()}
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError):
-        return f"{MANIFEST} is unreadable"
-    for name, (size, _) in sorted(files.items()):
-        p = os.path.join(ckpt, name)
-        if not os.path.isfile(p):
-            return f"{name} is missing"
-        if os.path.getsize(p) != size:
-            return f"{name} has {os.path.getsize(p)} bytes, the manifest says {size}"
-    mine = sorted(files)[rank::world]
-    for p, (_, digest) in hash_files([os.path.join(ckpt, n) for n in mine]).items():
-        if digest != files[os.path.basename(p)][1]:
-            return f"{os.path.basename(p)} does not match its sha256 in the manifest (corrupted)"
-    return None
-
-
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest checkpoint of a run that passes check_checkpoint (damaged newer ones are reported on stderr)."""
-    for ckpt in reversed(checkpoints(run_dir)):
-        problem = check_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        print(f"warning: checkpoint {ckpt} is damaged ({problem}); trying the one before it", file=sys.stderr)
-    return None
-
-
-def load_run(run_dir: str) -> tuple[ModelConfig, dict, str]:
-    """A train.py run's latest checkpoint -> (config, weights, tokenizer source). A pruning-stage checkpoint is
-    compacted with its current deterministic masks, i.e. what the run would hand to continued pretraining."""
-    import torch.distributed.checkpoint as dcp
-
-    from l0 import L0Module, TargetShape
-    from model import prune_state_dict
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise ConvertError(f"{run_dir} holds no complete, undamaged checkpoint")
-    state = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-    cfg = ModelConfig(**state["model_config"])
-    with torch.device("meta"):
-        shapes = Transformer(cfg).state_dict()
-    sd = {"model": {k: torch.empty(v.shape) for k, v in shapes.items()}}
-    dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
-    sd = sd["model"]
-    if state["stage"] == "prune":
-        target = TargetShape.resolve(cfg, **state["config"])
-        l0 = L0Module(cfg, target)
-        l0.load_state_dict(state["l0"])
-        cfg, sd = prune_state_dict(cfg, sd, l0.deterministic_masks())
-    return cfg, sd, state["src_path"]  # the source model's directory: its tokenizer
-
-
 def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
-    """SRC (HF directory, hub id, or .gguf) -> (ModelConfig, state dict in our names, `dtype`)."""
-    path = _resolve(src)
+    """SRC (HF directory, hub id, or .gguf) -> (ModelConfig, state dict in our names, `dtype`); a tied model's
+    has no lm_head.weight."""
+    path = resolve(src)
     if path.endswith(".gguf"):
         try:
             cfg, sd = _read_gguf(path)
@@ -332,10 +248,8 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
             raise ConvertError(f"{path}/config.json is not a usable model config: {e}") from None
         sd = hf_to_ours(_read_weights(path), cfg)
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-        sd.pop("lm_head.weight", None)
+        expected = tied_state_dict(cfg, {k: v.shape for k, v in Transformer(cfg).state_dict().items()}, lm_head=False)
+    sd = tied_state_dict(cfg, sd, lm_head=False)
     missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
     if missing or unexpected:
         raise ConvertError(f"{src}: weights do not match the config: {len(missing)} missing "
@@ -344,6 +258,25 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
         raise ConvertError(f"{src}: weights do not match the config: {wrong[0]} has shape "
                            f"{tuple(sd[wrong[0]].shape)}, expected {tuple(expected[wrong[0]])} ({len(wrong)} such)")
     return cfg, {k: v.to(dtype) for k, v in sd.items()}
+
+
+def load_model(path: str, dtype=torch.float32) -> Transformer:
+    """Any model this project reads: a Hugging Face directory, a hub id (cached), a .gguf file, or a train.py run
+    directory (its final export hf/, else its latest checkpoint, compacted if the run is still pruning)."""
+    if is_run_dir(path):
+        if not os.path.isfile(os.path.join(path, "hf", "config.json")):
+            cfg, sd, _ = load_run_weights(path)
+            return Transformer.from_state_dict(cfg, {k: v.to(dtype) for k, v in sd.items()})
+        path = os.path.join(path, "hf")
+    return Transformer.from_state_dict(*load_hf(path, dtype=dtype))
+
+
+def load_run_weights(path: str) -> tuple[ModelConfig, dict, str]:
+    """checkpoint.load_run, its failures as ConvertError (one line for the CLIs)."""
+    try:
+        return load_run(path)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------
@@ -453,7 +386,7 @@ def verify(path: str, atol: float) -> int:
         raise ConvertError("verify needs transformers: pip install transformers") from None
     if not os.path.isdir(path):
         raise ConvertError(f"no such model directory: {path}")
-    ours = Transformer.from_state_dict(*load_hf(path)).eval()
+    ours = load_model(path).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     idx = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -486,12 +419,13 @@ def main(argv=None):
         if os.path.abspath(args.src) == os.path.abspath(args.out):
             raise ConvertError("SRC and OUT are the same directory")
         _parse_size(args.max_shard_size)
-        if os.path.isfile(os.path.join(args.src, "config.json")) and os.path.isdir(os.path.join(args.src, "checkpoints")):
-            cfg, sd, path = load_run(args.src)  # a train.py run directory: its latest checkpoint
-            sd = {k: v.to(getattr(torch, args.dtype or "float32")) for k, v in sd.items()}
+        dtype = getattr(torch, args.dtype or "float32")
+        if is_run_dir(args.src):  # its latest checkpoint (hf/ is already a Hugging Face directory)
+            cfg, sd, path = load_run_weights(args.src)
+            sd = {k: v.to(dtype) for k, v in sd.items()}
         else:
-            path = _resolve(args.src)
-            cfg, sd = load_hf(path, dtype=getattr(torch, args.dtype or "float32"))
+            path = resolve(args.src)
+            cfg, sd = load_hf(path, dtype=dtype)
         model = Transformer.from_state_dict(cfg, sd)
         export_hf(model, args.out, tokenizer_src=path, max_shard_size=args.max_shard_size, force=args.force)
     except (ConvertError, OSError) as e:

@@ -2,7 +2,7 @@
 Per-domain token bins (written by prepare.py) and the mixture sampler that feeds training.
 
     bins = DomainBins("data/demo")                               # validates meta.json, memory-maps the bins
-    bins.check_compatible(model_vocab_size, prepare.tokenizer_fingerprint(model_dir))
+    bins.check_compatible(model_vocab_size, tokenizer_fingerprint(model_dir))
     sampler = MixtureSampler(bins, seq_len=1024, global_batch_size=64, seed=1337)
     x, y, dom = sampler.next(proportions, rank, world_size)     # this rank's rows of the global batch
     # one call per optimizer step; with gradient accumulation, split x, y, dom into micro-batches
@@ -23,6 +23,7 @@ asked for. Within a domain, windows come from a seeded permutation per epoch (in
 reused before it is exhausted; then a new epoch starts (a warning is logged and the domain's epoch counter increases).
 """
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,8 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FORMAT = 1  # the meta.json layout prepare.py writes
+FORMAT = 1  # the meta.json layout: prepare.py writes it, DomainBins checks it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define the id <-> text mapping
 log = logging.getLogger(__name__)
+
+
+def tokenizer_fingerprint(model_dir) -> str | None:
+    """sha256 over the files that define the vocabulary (prepare.py records it in meta.json, training compares it
+    with the model's); None when model_dir has none of them (a .gguf, a bare checkpoint): then only the vocabulary
+    size can be checked."""
+    found = [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]
+    if not found:
+        return None
+    h = hashlib.sha256()
+    for f in found:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return "sha256:" + h.hexdigest()
 
 
 class DomainBins:
@@ -137,7 +152,6 @@ class MixtureSampler:
         self.step = 0
         self.epoch = [0] * D          # passes started over each domain's windows
         self.cursor = [0] * D         # windows taken from the current epoch's permutation
-        self.tokens_served = [0] * D  # target tokens served per domain (all ranks), for dynamic reference losses
         self._perm = [None] * D       # current epoch's permutation, rebuilt from (seed, domain, epoch)
 
     def check_proportions(self, proportions) -> np.ndarray:
@@ -190,8 +204,6 @@ class MixtureSampler:
         order = rng.permutation(B)  # mix domains across rows, so no rank or micro-batch holds one domain only
         dom, win = dom[order], win[order]
         self.step += 1
-        for d in range(D):
-            self.tokens_served[d] += int(counts[d]) * T
         lo, hi = rank * B // world_size, (rank + 1) * B // world_size
         x = np.empty((hi - lo, T), dtype=np.int64)
         y = np.empty((hi - lo, T), dtype=np.int64)
@@ -203,8 +215,7 @@ class MixtureSampler:
 
     def state_dict(self) -> dict:
         return dict(seed=self.seed, seq_len=self.seq_len, domains=list(self.bins.domains), windows=list(self.windows),
-                    step=self.step, epoch=list(self.epoch), cursor=list(self.cursor),
-                    tokens_served=list(self.tokens_served))
+                    step=self.step, epoch=list(self.epoch), cursor=list(self.cursor))
 
     def load_state_dict(self, state: dict):
         mine = self.state_dict()
@@ -213,5 +224,4 @@ class MixtureSampler:
                 raise ValueError(f"sampler state does not fit: {key} was {state.get(key)}, now {mine[key]}")
         self.step = int(state["step"])
         self.epoch, self.cursor = [int(e) for e in state["epoch"]], [int(c) for c in state["cursor"]]
-        self.tokens_served = [int(t) for t in state["tokens_served"]]
         self._perm = [None] * len(self.windows)

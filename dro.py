@@ -294,15 +294,6 @@ def fit_power_law(n, losses):
     return float(a[0] * n.max() ** b), float(b), float(c[0])
 
 
-def estimate_reference_loss(n, losses, target_n) -> list[float]:
-    """Per-domain reference loss at target_n from a family's losses: losses[domain][model], models sized n."""
-    out = []
-    for row in losses:
-        a, b, c = fit_power_law(n, row)
-        out.append(a * float(target_n) ** -b + c)
-    return out
-
-
 # -----------------------------------------------------------------------------
 # the weighter: state across steps, the method string, schedules, checkpointing
 

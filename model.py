@@ -13,8 +13,8 @@ One decoder-only Transformer for the LLaMA, Qwen2 and Pythia (GPT-NeoX) families
 - The loss (`LinearCrossEntropy`) computes the logits' gradient in the forward, in place, and with a large
   vocabulary a chunk of tokens at a time, so the (tokens, vocab) fp32 logits are never materialised.
 
-    from model import Transformer
-    model = Transformer.from_pretrained("path/to/hf_dir")       # or a hub id cached locally
+    import convert
+    model = convert.load_model("path/to/hf_dir")                # or a hub id, .gguf, or a train.py run directory
     logits = model(idx)                                        # (B, T, vocab)
     loss = model(idx, targets)                                 # mean token cross-entropy
     tok_loss = model(idx, targets, reduction="none")           # (B, T)
@@ -353,6 +353,188 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the model
+
+def tied_state_dict(cfg: ModelConfig, sd: dict, lm_head: bool) -> dict:
+    """The one place that handles tied embeddings in a state dict. With tie_word_embeddings, lm_head.weight *is*
+    the embedding matrix: files (Hugging Face's, our exports) and prune_state_dict leave it out (lm_head=False);
+    nn.Module loading and set_model_state_dict want it (lm_head=True). An untied model's state dict passes through."""
+    if not cfg.tie_word_embeddings:
+        return sd
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    return {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]} if lm_head else sd
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        eps = config.layer_norm_eps if config.neox else config.rms_norm_eps
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            norm=Norm(config.hidden_size, eps, bias=config.neox),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """With tie_word_embeddings, lm_head reads the embedding matrix. Filling a model built on the meta device
+        (to_empty, load_state_dict(assign=True)) makes two tensors of the shared one: builders call this after."""
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, sd: dict) -> "Transformer":
+        """A model holding the tensors of `sd` (not copies), e.g. convert.load_hf's."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(tied_state_dict(config, sd, lm_head=True), strict=True, assign=True)
+        model.tie_weights()
+        return model
+
+    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean", teacher=None):
+        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
+        cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset.
+        teacher: (hidden (B, T, d_t), lm_head weight (V, d_t), alpha, temperature) of a frozen teacher (its
+        `hidden(idx)`): with reduction="none", returns (distillation loss, cross-entropy) per token (distill_loss)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        x = self.hidden(idx, masks)  # (B, T, d)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, V)
+        B, T = idx.shape
+        w = self.lm_head.weight
+        chunk = max(1, LOGITS_CHUNK // self.config.vocab_size)
+        if teacher is not None:
+            if reduction != "none":
+                raise ValueError("distillation returns per-token losses: use reduction='none'")
+            ht, wt, alpha, temperature = teacher
+            loss, ce = distill_loss(x.flatten(0, 1), w, ht.flatten(0, 1), wt, targets.flatten(), alpha, temperature,
+                                    chunk)
+            return loss.view(B, T), ce.view(B, T)
+        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), chunk, grad)  # (B * T,)
+        if reduction == "none":
+            return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
+        return loss.sum() / (targets != -100).sum().clamp(min=1)
+
+    def hidden(self, idx, masks: dict | None = None):
+        """idx (B, T) -> the final norm's output (B, T, d), what lm_head reads."""
+        B, T = idx.shape
+        masks = masks or {}
+        layer_z, hidden_z = masks.get("layer_z"), masks.get("hidden_z")
+        # kept hidden dims, counted once per forward for all 2L+1 norms (a sample may close every gate: 0, not NaN)
+        hidden_n = None if hidden_z is None else (hidden_z != 0).sum().clamp(min=1)
+        x = apply_z(self.model.embed_tokens(idx), hidden_z)  # (B, T, d)
+        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            z = {k: masks[k][i] for k in ("head_z", "intermediate_z") if k in masks}
+            # a sublayer's output is scaled by layer_z and hidden_z: their product, once per layer
+            out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
+            x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, **z)
+        return self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    @torch.no_grad()
+    def prune(self, masks: dict) -> "Transformer":
+        """Fold the (deterministic) masks into the weights and drop every zeroed unit: a new, smaller dense
+        Transformer that computes what the masked model computes (see prune_state_dict)."""
+        return Transformer.from_state_dict(*prune_state_dict(self.config, self.state_dict(), masks))
+
+
+# -----------------------------------------------------------------------------
+# compaction
+
+@torch.no_grad()
+def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConfig, dict]:
+    """Compact a full (unsharded) state dict with the masks: returns (new_config, new_state_dict) of a smaller dense
+    model with a uniform shape (so a standard HF config describes it) that computes what the masked model computes.
+    Kept mask values need not be 1; they are folded into the weight that follows them. Works on plain tensors on any
+    device, so a sharded (FSDP2) model is gathered, compacted here and re-sharded. Each tensor keeps its dtype."""
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(v, DTensor) for v in sd.values()):
+        raise ValueError("prune_state_dict needs full tensors: gather the sharded state dict first "
+                         "(e.g. DTensor.full_tensor())")
+    sd = tied_state_dict(cfg, sd, lm_head=False)  # a tied lm_head is the embedding, compacted as such
+    L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
+    if unknown := set(masks) - {"layer_z", "head_z", "intermediate_z", "hidden_z"}:
+        raise ValueError(f"unknown masks {sorted(unknown)}; expected layer_z, head_z, intermediate_z, hidden_z")
+    dev = sd["model.embed_tokens.weight"].device
+    get = lambda k, *shape: masks[k].to(dev, torch.float32) if k in masks else torch.ones(*shape, device=dev)
+    layer_z, head_z = get("layer_z", L), get("head_z", L, nkv)
+    int_z, hid_z = get("intermediate_z", L, I), get("hidden_z", d)
+    for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
+                           ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
+        if tuple(z.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(z.shape)}, expected {shape} for this model")
+    layers = layer_z.nonzero().flatten().tolist()
+    kh = hid_z.nonzero().flatten()  # kept hidden dims
+    if not layers or not len(kh):
+        raise ValueError("the masks drop every layer or every hidden dimension")
+    n_kv = {int((head_z[i] != 0).sum()) for i in layers}
+    n_int = {int((int_z[i] != 0).sum()) for i in layers}
+    if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
+        raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
+                         f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
+    if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
+        raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
+                         "absorb the mask twice)")
+    group = cfg.num_attention_heads // nkv
+    n_kv = n_kv.pop()
+    # __post_init__ checks what a Hugging Face config of this family can express
+    new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv,
+                      num_attention_heads=n_kv * group, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
+
+    hs, z_h = cfg.head_dim, hid_z[kh]
+    out = {}
+
+    def put(dst, src, f):  # out[dst] = f(sd[src]), computed in fp32, stored in the source tensor's dtype
+        if src in sd:
+            out[dst] = f(sd[src].float()).to(sd[src].dtype).contiguous()
+
+    put("model.embed_tokens.weight", "model.embed_tokens.weight", lambda w: w[:, kh] * z_h)
+    for j, i in enumerate(layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
+        for name in ("input_layernorm", "post_attention_layernorm"):  # the masked norm multiplies by hidden_z
+            for p in (".weight", ".bias"):
+                put(dst + name + p, src + name + p, lambda w: w[kh] * z_h)
+        kv = head_z[i].nonzero().flatten()  # kept key/value groups
+        ar = torch.arange(hs, device=dev)
+        kv_rows = (kv[:, None] * hs + ar).flatten()
+        q_heads = (kv[:, None] * group + torch.arange(group, device=dev)).flatten()
+        q_rows = (q_heads[:, None] * hs + ar).flatten()
+        for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            k = f"self_attn.{name}"
+            put(dst + k + ".weight", src + k + ".weight", lambda w: w[r][:, kh])
+            put(dst + k + ".bias", src + k + ".bias", lambda w: w[r])
+        # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
+        out_scale = (layer_z[i] * z_h)[:, None]
+        col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
+        k = "self_attn.o_proj"
+        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, q_rows] * col_scale * out_scale)
+        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
+        ch = int_z[i].nonzero().flatten()  # kept MLP channels
+        for k in ("mlp.gate_proj", "mlp.up_proj"):  # gate_proj: none in GPT-NeoX
+            put(dst + k + ".weight", src + k + ".weight", lambda w: w[ch][:, kh])
+            put(dst + k + ".bias", src + k + ".bias", lambda w: w[ch])
+        k = "mlp.down_proj"
+        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, ch] * int_z[i][ch] * out_scale)
+        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
+    for p in (".weight", ".bias"):
+        put("model.norm" + p, "model.norm" + p, lambda w: w[kh] * z_h)
+    put("lm_head.weight", "lm_head.weight", lambda w: w[:, kh])  # (untied) its input, the final norm, carries hidden_z
+    return new_cfg, out
+
+
+# -----------------------------------------------------------------------------
 # cross-entropy over a large vocabulary, without the (tokens, vocab) logits
 
 LOGITS_CHUNK = 2**26  # logits per chunk (256 MB in fp32): above this, chunks of tokens and a recomputing backward
@@ -381,7 +563,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     - N <= chunk tokens: the forward computes the logits once and, when a gradient is wanted, turns them in place into
       the gradient softmax - onehot, which the backward uses directly: one (N, V) buffer, one exp per logit, and no
       (N, V) pass in the backward (F.cross_entropy allocates and fills three more (N, V) tensors and exps twice;
-      `bench/speed.py --rows loss`: lm_head and loss, forward and backward, 1.13x faster at 1,024 tokens x 49,152).
+      `bench/speed.py --rows loss` measures the two).
     - N > chunk: `chunk` tokens at a time, and the backward recomputes each chunk's logits (one more lm_head matmul,
       as activation checkpointing does), so the whole (N, V) matrix never exists: Qwen2's 152k vocabulary at 4k
       tokens is 2.5 GB of fp32 logits per sequence.
@@ -511,180 +693,3 @@ def distill_loss(h, w, ht, wt, targets, alpha: float, temperature: float, chunk:
     """(loss, ce) per token of LinearDistill; no gradient work when none is wanted."""
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
     return LinearDistill.apply(h, w, ht.detach(), wt.detach(), targets, alpha, temperature, chunk, grad)
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        eps = config.layer_norm_eps if config.neox else config.rms_norm_eps
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=Norm(config.hidden_size, eps, bias=config.neox),
-        ))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype=torch.float32) -> "Transformer":
-        """A Hugging Face directory, hub id (cached) or .gguf file; see convert.load_hf."""
-        from convert import load_hf
-        config, sd = load_hf(path, dtype=dtype)
-        return cls.from_state_dict(config, sd)
-
-    @classmethod
-    def from_state_dict(cls, config: ModelConfig, sd: dict) -> "Transformer":
-        with torch.device("meta"):
-            model = cls(config)
-        if config.tie_word_embeddings:
-            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-            model.load_state_dict({**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}, strict=True, assign=True)
-            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True broke the tie; restore it
-        else:
-            model.load_state_dict(sd, strict=True, assign=True)
-        return model
-
-    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean", teacher=None):
-        """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
-        cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset.
-        teacher: (hidden (B, T, d_t), lm_head weight (V, d_t), alpha, temperature) of a frozen teacher (its
-        `hidden(idx)`): with reduction="none", returns (distillation loss, cross-entropy) per token (distill_loss)."""
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x = self.hidden(idx, masks)  # (B, T, d)
-        if targets is None:
-            return self.lm_head(x)  # (B, T, V)
-        B, T = idx.shape
-        w = self.lm_head.weight
-        chunk = max(1, LOGITS_CHUNK // self.config.vocab_size)
-        if teacher is not None:
-            if reduction != "none":
-                raise ValueError("distillation returns per-token losses: use reduction='none'")
-            ht, wt, alpha, temperature = teacher
-            loss, ce = distill_loss(x.flatten(0, 1), w, ht.flatten(0, 1), wt, targets.flatten(), alpha, temperature,
-                                    chunk)
-            return loss.view(B, T), ce.view(B, T)
-        grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-        loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), chunk, grad)  # (B * T,)
-        if reduction == "none":
-            return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
-        return loss.sum() / (targets != -100).sum().clamp(min=1)
-
-    def hidden(self, idx, masks: dict | None = None):
-        """idx (B, T) -> the final norm's output (B, T, d), what lm_head reads."""
-        B, T = idx.shape
-        masks = masks or {}
-        layer_z, hidden_z = masks.get("layer_z"), masks.get("hidden_z")
-        # kept hidden dims, counted once per forward for all 2L+1 norms (a sample may close every gate: 0, not NaN)
-        hidden_n = None if hidden_z is None else (hidden_z != 0).sum().clamp(min=1)
-        x = apply_z(self.model.embed_tokens(idx), hidden_z)  # (B, T, d)
-        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            z = {k: masks[k][i] for k in ("head_z", "intermediate_z") if k in masks}
-            # a sublayer's output is scaled by layer_z and hidden_z: their product, once per layer
-            out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
-            x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, **z)
-        return self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.model.embed_tokens.weight.numel()
-            if not self.config.tie_word_embeddings:
-                n -= self.lm_head.weight.numel()
-        return n
-
-    @torch.no_grad()
-    def prune(self, masks: dict) -> "Transformer":
-        """Fold the (deterministic) masks into the weights and drop every zeroed unit: a new, smaller dense
-        Transformer that computes what the masked model computes (see prune_state_dict)."""
-        return Transformer.from_state_dict(*prune_state_dict(self.config, self.state_dict(), masks))
-
-
-# -----------------------------------------------------------------------------
-# compaction
-
-@torch.no_grad()
-def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConfig, dict]:
-    """Compact a full (unsharded) state dict with the masks: returns (new_config, new_state_dict) of a smaller dense
-    model with a uniform shape (so a standard HF config describes it) that computes what the masked model computes.
-    Kept mask values need not be 1; they are folded into the weight that follows them. Works on plain tensors on any
-    device, so a sharded (FSDP2) model is gathered, compacted here and re-sharded. Each tensor keeps its dtype."""
-    from torch.distributed.tensor import DTensor
-    if any(isinstance(v, DTensor) for v in sd.values()):
-        raise ValueError("prune_state_dict needs full tensors: gather the sharded state dict first "
-                         "(e.g. DTensor.full_tensor())")
-    L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
-    if unknown := set(masks) - {"layer_z", "head_z", "intermediate_z", "hidden_z"}:
-        raise ValueError(f"unknown masks {sorted(unknown)}; expected layer_z, head_z, intermediate_z, hidden_z")
-    dev = sd["model.embed_tokens.weight"].device
-    get = lambda k, *shape: masks[k].to(dev, torch.float32) if k in masks else torch.ones(*shape, device=dev)
-    layer_z, head_z = get("layer_z", L), get("head_z", L, nkv)
-    int_z, hid_z = get("intermediate_z", L, I), get("hidden_z", d)
-    for name, z, shape in (("layer_z", layer_z, (L,)), ("head_z", head_z, (L, nkv)),
-                           ("intermediate_z", int_z, (L, I)), ("hidden_z", hid_z, (d,))):
-        if tuple(z.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(z.shape)}, expected {shape} for this model")
-    layers = layer_z.nonzero().flatten().tolist()
-    kh = hid_z.nonzero().flatten()  # kept hidden dims
-    if not layers or not len(kh):
-        raise ValueError("the masks drop every layer or every hidden dimension")
-    n_kv = {int((head_z[i] != 0).sum()) for i in layers}
-    n_int = {int((int_z[i] != 0).sum()) for i in layers}
-    if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
-        raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
-                         f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
-    if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
-        raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
-                         "absorb the mask twice)")
-    group = cfg.num_attention_heads // nkv
-    n_kv = n_kv.pop()
-    # __post_init__ checks what a Hugging Face config of this family can express
-    new_cfg = replace(cfg, hidden_size=len(kh), num_hidden_layers=len(layers), num_key_value_heads=n_kv,
-                      num_attention_heads=n_kv * group, intermediate_size=n_int.pop(), head_dim=cfg.head_dim)
-
-    hs, z_h = cfg.head_dim, hid_z[kh]
-    out = {}
-
-    def put(dst, src, f):  # out[dst] = f(sd[src]), computed in fp32, stored in the source tensor's dtype
-        if src in sd:
-            out[dst] = f(sd[src].float()).to(sd[src].dtype).contiguous()
-
-    put("model.embed_tokens.weight", "model.embed_tokens.weight", lambda w: w[:, kh] * z_h)
-    for j, i in enumerate(layers):
-        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
-        for name in ("input_layernorm", "post_attention_layernorm"):  # the masked norm multiplies by hidden_z
-            for p in (".weight", ".bias"):
-                put(dst + name + p, src + name + p, lambda w: w[kh] * z_h)
-        kv = head_z[i].nonzero().flatten()  # kept key/value groups
-        ar = torch.arange(hs, device=dev)
-        kv_rows = (kv[:, None] * hs + ar).flatten()
-        q_heads = (kv[:, None] * group + torch.arange(group, device=dev)).flatten()
-        q_rows = (q_heads[:, None] * hs + ar).flatten()
-        for name, r in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            k = f"self_attn.{name}"
-            put(dst + k + ".weight", src + k + ".weight", lambda w: w[r][:, kh])
-            put(dst + k + ".bias", src + k + ".bias", lambda w: w[r])
-        # head_z scales each head's output, i.e. o_proj's input columns; layer_z and hidden_z its output rows
-        out_scale = (layer_z[i] * z_h)[:, None]
-        col_scale = head_z[i].repeat_interleave(group * hs)[q_rows]
-        k = "self_attn.o_proj"
-        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, q_rows] * col_scale * out_scale)
-        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
-        ch = int_z[i].nonzero().flatten()  # kept MLP channels
-        for k in ("mlp.gate_proj", "mlp.up_proj"):  # gate_proj: none in GPT-NeoX
-            put(dst + k + ".weight", src + k + ".weight", lambda w: w[ch][:, kh])
-            put(dst + k + ".bias", src + k + ".bias", lambda w: w[ch])
-        k = "mlp.down_proj"
-        put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, ch] * int_z[i][ch] * out_scale)
-        put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
-    for p in (".weight", ".bias"):
-        put("model.norm" + p, "model.norm" + p, lambda w: w[kh] * z_h)
-    if not cfg.tie_word_embeddings:  # its input, the final norm, already carries hidden_z
-        put("lm_head.weight", "lm_head.weight", lambda w: w[:, kh])
-    return new_cfg, out

@@ -49,10 +49,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-FORMAT = 1              # meta.json layout version, checked by data.py
+from data import FORMAT, tokenizer_fingerprint
+
 VAL_EVERY = 5           # every 5th document is a validation document, until val is full
 BATCH_BYTES = 1 << 20   # text per tokenizer task: enough to amortize the inter-process traffic
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define the id <-> text mapping
 # Llama-3's pre-tokenizer regex; its tokenizer.model (tiktoken format) does not carry one
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -66,17 +66,6 @@ class PrepareError(Exception):
 
 # -----------------------------------------------------------------------------
 # tokenizer
-
-def tokenizer_fingerprint(model_dir) -> str:
-    """sha256 over the files that define the vocabulary; training compares it with the model dir's."""
-    found = [Path(model_dir) / n for n in TOKENIZER_FILES if (Path(model_dir) / n).is_file()]
-    if not found:
-        raise PrepareError(f"{model_dir} has no tokenizer.json or tokenizer.model")
-    h = hashlib.sha256()
-    for f in found:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return "sha256:" + h.hexdigest()
-
 
 def read_json(path: Path) -> dict:
     try:
@@ -520,6 +509,8 @@ def parse_args(argv):
     if not Path(args.tokenizer).is_dir():
         raise PrepareError(f"tokenizer dir {args.tokenizer} not found: convert the default model there first "
                            "(see convert.py) or pass --tokenizer DIR, a model dir with tokenizer.json or .model")
+    if tokenizer_fingerprint(args.tokenizer) is None:
+        raise PrepareError(f"{args.tokenizer} has no tokenizer.json or tokenizer.model")
     return args
 
 

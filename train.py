@@ -6,12 +6,12 @@ pretraining the smaller model: one loop, one process or many, resumable at any s
     torchrun --standalone --nproc_per_node=8 train.py config/prune_llama2.py    # one node, FSDP2
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         train.py config/prune_llama2.py                                        # on every node (shared out_dir)
+    python train.py eval MODEL [MODEL ...] --data_dir=data/demo   # per-domain validation loss (report.py)
+    python train.py report out/demo                               # what a run did (report.py)
 
 A config file is plain Python assignments to TrainConfig fields; `--key=value` overrides them. Running the same
-command again resumes an unfinished out_dir from its latest checkpoint (exactly: same batches, masks, weights).
-
-    python train.py eval MODEL [MODEL ...] --data_dir=data/demo   # per-domain validation loss / perplexity
-    python train.py report out/demo                               # what a run did: source, pruned, final models
+command again resumes an unfinished out_dir from its latest checkpoint (exactly: same batches, masks, weights);
+checkpoint.py describes the run directory.
 
 Stages. `prune` (prune_steps) trains the weights, the hard-concrete gates (log_alpha) and the Lagrange multipliers
 (lambda, maximised) with the target-sparsity warm-up, one mask sample per micro-batch, and evaluation with masks
@@ -23,35 +23,42 @@ The loss is the mean over all target tokens of the global batch (independent of 
 Per-domain sums of the per-token training losses feed the weighter every step; per-domain validation losses feed
 its update every eval_interval; every rank computes the same proportions, rank 0's are broadcast anyway.
 
-Outputs in out_dir: config.json (resolved config), metrics.jsonl, plots/*.png, checkpoints/ (the last
-keep_checkpoints; model and optimizer sharded with torch.distributed.checkpoint), pruned/ and hf/ (Hugging Face
-directories), masks.pt (final masks, log_alpha and lambdas), done.json once finished.
+Reading order: TrainConfig and load_config; setup_distributed and build_model; Run (data and the per-stage
+pieces); then the loop in execution order: train -> start_stage -> run_stage -> train_step / evaluate_and_update
+/ save -> finish_stage; main last.
 """
 
 import ast
 import datetime
 import difflib
-import fcntl
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
+import checkpoint
 import convert
 import dro
-from data import DomainBins, MixtureSampler
-from l0 import L0Module, TargetShape, mask_generator, total_params
-from model import ModelConfig, Transformer, prune_state_dict
+import report
+from checkpoint import STAGES, CheckpointError, RunDir, RunDirError, all_reduce, barrier, broadcast_object
+from data import DomainBins, MixtureSampler, tokenizer_fingerprint
+from l0 import L0Module, TargetShape, activation_importance, mask_generator, total_params
+from model import ModelConfig, Transformer, prune_state_dict, tied_state_dict
+
+
+class ConfigError(ValueError):
+    pass
 
 
 @dataclass
@@ -124,31 +131,58 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
 
+    def __post_init__(self):
+        """Everything that can be checked without the data, the model or the world size."""
+        for name in ("prune_steps", "cpt_steps", "keep_checkpoints", "stop_at"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("prune_batch_size", "prune_micro_batch_size", "prune_seq_len", "cpt_batch_size",
+                     "cpt_micro_batch_size", "cpt_seq_len", "eval_interval", "eval_batches", "eval_batch_size",
+                     "log_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.prune_steps == self.cpt_steps == 0:
+            raise ConfigError("prune_steps and cpt_steps are both 0: nothing to do")
+        try:
+            dro.parse_method(self.domain_weighting)
+        except ValueError as e:
+            raise ConfigError(f"domain_weighting: {e}") from None
+        if isinstance(self.reference_loss, str) and self.reference_loss != "teacher":
+            raise ConfigError(f"reference_loss={self.reference_loss!r}: expected comma-separated numbers, "
+                              '{domain: number} or "teacher"')
+        if not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"distill_alpha={self.distill_alpha} must be in [0, 1] (0: off, 1: distillation alone)")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"distill_temperature={self.distill_temperature} must be > 0")
+        if self.target_params < 0 or self.mask_init_batches < 1:
+            raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
+        for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
+                              ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
+
+    @property
+    def teacher_reference(self) -> bool:
+        """reference_loss="teacher": the reference losses are the teacher's, measured where each stage starts."""
+        return self.reference_loss == "teacher"
+
+    def distills(self, stage: str) -> bool:
+        return self.distill_alpha > 0 and (stage == "cpt" or self.distill_prune)
+
 
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
-RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at", "wandb_project", "compile",
-             "activation_checkpointing"}
+RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
+             "wandb_project", "compile", "activation_checkpointing"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
                    "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
                    "target_intermediate_size"}
 
 
-class ConfigError(ValueError):
-    pass
-
-
-class StopRun(Exception):
-    """stop_at reached, or SIGTERM: the run is checkpointed and resumes when started again; `code` is the exit
-    status (0 for stop_at, 143 = 128 + SIGTERM for a termination)."""
-
-    def __init__(self, msg: str, code: int = 0):
-        super().__init__(msg)
-        self.code = code
-
-
 def _coerce(name: str, value, typ: str, from_cli: bool):
-    """A config value as the field's type; CLI values arrive as strings."""
+    """A config value as the field's type ("numbers": {domain: number} or a list; "numbers|str" also a word); CLI
+    values arrive as strings."""
+    words = typ == "numbers|str"
     if from_cli and isinstance(value, str):
         if typ == "bool":
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -159,11 +193,11 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
                 return int(value) if typ == "int" else float(value)
             except ValueError:
                 raise ConfigError(f"--{name}={value}: expected a number ({typ})") from None
-        if typ == "numbers":
+        if typ.startswith("numbers"):
             if value.lower() in ("", "none"):
                 return None
-            if name == "reference_loss" and value == "teacher":
-                return value
+            if words and value.isidentifier():
+                return value  # which words are allowed: TrainConfig.__post_init__
             try:
                 value = ast.literal_eval(value if value.lstrip()[:1] in "[{" else f"[{value}]")
             except (ValueError, SyntaxError):
@@ -174,22 +208,24 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
         return value
     if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if typ == "numbers":
+    if typ.startswith("numbers"):
         num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        if value is None or name == "reference_loss" and value == "teacher":
+        if value is None or words and isinstance(value, str):
             return value
         if isinstance(value, dict) and all(isinstance(k, str) and num(v) for k, v in value.items()):
             return {k: float(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)) and all(num(v) for v in value):
             return [float(v) for v in value]
         raise ConfigError(f"{name}={value!r}: expected {{domain: number}} or a list of numbers" +
-                          (' or "teacher"' if name == "reference_loss" else ""))
+                          (" or a word" if words else ""))
     raise ConfigError(f"{name}={value!r}: expected {typ}")
 
 
 def load_config(argv: list[str]) -> TrainConfig:
     """python train.py [config/x.py] [--key=value ...] -> a validated TrainConfig."""
-    types = {f.name: "numbers" if "list" in str(f.type) else f.type.__name__ for f in fields(TrainConfig)}
+    def kind(t) -> str:
+        return ("numbers|str" if "str" in str(t) else "numbers") if "list" in str(t) else t.__name__
+    types = {f.name: kind(f.type) for f in fields(TrainConfig)}
 
     def check(name):
         if name not in types:
@@ -217,36 +253,20 @@ def load_config(argv: list[str]) -> TrainConfig:
                     continue
                 check(key)
                 values[key] = _coerce(key, val, types[key], from_cli=False)
-    cfg = TrainConfig(**values)
-    for name in ("prune_steps", "cpt_steps", "keep_checkpoints", "stop_at"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("prune_batch_size", "prune_micro_batch_size", "prune_seq_len", "cpt_batch_size",
-                 "cpt_micro_batch_size", "cpt_seq_len", "eval_interval", "eval_batches", "eval_batch_size", "log_interval",
-                 "save_interval"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.prune_steps == cfg.cpt_steps == 0:
-        raise ConfigError("prune_steps and cpt_steps are both 0: nothing to do")
-    try:
-        dro.parse_method(cfg.domain_weighting)
-    except ValueError as e:
-        raise ConfigError(f"domain_weighting: {e}") from None
-    if not 0 <= cfg.distill_alpha <= 1:
-        raise ConfigError(f"distill_alpha={cfg.distill_alpha} must be in [0, 1] (0: off, 1: distillation alone)")
-    if cfg.distill_temperature <= 0:
-        raise ConfigError(f"distill_temperature={cfg.distill_temperature} must be > 0")
-    if cfg.target_params < 0 or cfg.mask_init_batches < 1:
-        raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
-    for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
-                          ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance"))):
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
-    return cfg
+    return TrainConfig(**values)
+
+
+class StopRun(Exception):
+    """stop_at reached, or SIGTERM: the run is checkpointed and resumes when started again; `code` is the exit
+    status (0 for stop_at, 143 = 128 + SIGTERM for a termination)."""
+
+    def __init__(self, msg: str, code: int = 0):
+        super().__init__(msg)
+        self.code = code
 
 
 # -----------------------------------------------------------------------------
-# distributed setup, model building, state dicts
+# distributed setup and model building
 
 def setup_distributed(cfg: TrainConfig):
     """(rank, world, device): torchrun's environment -> a process group (NCCL on GPU, gloo on CPU)."""
@@ -272,36 +292,38 @@ def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, world: int) -> torch.nn.Module:
+def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, world: int,
+                frozen: bool = False) -> torch.nn.Module:
     """The model on `device`, from the full fp32 state dict `sd` that only rank 0 holds (None elsewhere; None on
     every rank leaves the weights uninitialised, for a checkpoint to fill). With several ranks: meta-device init,
     FSDP2 per block and root (bf16 mixed precision on GPU), then each rank receives its shards from rank 0, so no
-    rank but 0 ever holds the whole model."""
+    rank but 0 ever holds the whole model. frozen (the teacher): no gradients, eval mode, and only the blocks are
+    sharded: its embedding, final norm and lm_head stay whole on every rank, since the distillation loss reads the
+    head's weight chunk by chunk inside the student's forward, outside any forward of the teacher."""
     with torch.device("meta"):
         model = Transformer(mcfg)
-    for block in model.model.layers:
-        block.checkpoint = cfg.activation_checkpointing
-        if cfg.compile:
-            block.compile()
+    if not frozen:
+        for block in model.model.layers:
+            block.checkpoint = cfg.activation_checkpointing
+            if cfg.compile:
+                block.compile()
+    if world > 1:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        if not frozen:
+            fully_shard(model, mp_policy=mp)
+    model.to_empty(device=device)
+    model.tie_weights()
     if world == 1:
-        model.to_empty(device=device)
-        if mcfg.tie_word_embeddings:  # to_empty made two tensors of the shared one
-            model.lm_head.weight = model.model.embed_tokens.weight
         if sd is not None:
-            model.load_state_dict({**sd, "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])})
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    model.to_empty(device=device)  # keeps the tied embedding tied
-    if broadcast_object(sd is not None):
-        if sd is not None and mcfg.tie_word_embeddings:
-            sd = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
-        set_model_state_dict(model, sd if dist.get_rank() == 0 else {},
+            model.load_state_dict(tied_state_dict(mcfg, sd, lm_head=True))
+    elif broadcast_object(sd is not None):
+        set_model_state_dict(model, tied_state_dict(mcfg, sd, lm_head=True) if dist.get_rank() == 0 else {},
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if frozen:
+        model.requires_grad_(False)
+        model.eval()
     return model
 
 
@@ -309,156 +331,28 @@ def full_state_dict(model) -> dict:
     """The whole model's weights on the CPU in rank 0 (an empty dict elsewhere); a collective with several ranks."""
     if not dist.is_initialized():
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def resolve_init(path: str) -> str:
-    """init_from as a model source: an earlier run directory stands for its final export (hf/)."""
-    if os.path.isfile(os.path.join(path, "done.json")) or os.path.isdir(os.path.join(path, "checkpoints")):
+def reshard(model):
+    """After forwards without a backward: FSDP2 leaves the root's parameters unsharded after the first forward (a
+    backward would reshard them), and an optimizer or a checkpoint must see the sharded ones."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
+def model_source(path: str) -> str:
+    """init_from / teacher as a model source: an earlier run directory stands for its final export (hf/)."""
+    if checkpoint.is_run_dir(path):
         if not os.path.isfile(os.path.join(path, "hf", "config.json")):
             raise ConfigError(f"init_from={path} is a run directory without a final model (hf/); finish that run "
                               "or export one of its checkpoints with convert.py to-hf")
-        return os.path.join(path, "hf")
-    return path
+        path = os.path.join(path, "hf")
+    return convert.resolve(path)
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: out_dir/checkpoints/<k>-<stage>-<step>/ {dcp shards, state.pt}, written aside then renamed
-
-STAGES = ("prune", "cpt")
-
-
-def checkpoint_name(stage: str, step: int) -> str:
-    return f"{STAGES.index(stage)}-{stage}-{step:08d}"
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be written, or none can be read: the message says what is intact and what to do."""
-
-
-def _error_text(e: BaseException) -> str:
-    """The root cause in one line: DCP wraps a rank's OSError (disk full, ...) in a CheckpointException."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        e = inner[0] if isinstance(inner, tuple) else inner
-    return f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else \
-        (e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}")
-
-
-def _write_durably(path: str, write, atomic: bool = False):
-    """write(f) to path, on disk before this returns; atomic: through path.tmp, so that a reader (or a rerun after
-    a kill) sees the old file or the new one, never half of one."""
-    with open(path + ".tmp" if atomic else path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    if atomic:
-        os.replace(path + ".tmp", path)
-
-
-def save_checkpoint(out_dir, keep, rank, world, model, opt, state: dict):
-    """Model and optimizer shards (DCP), then state.pt, then manifest.json with every file's size and sha256 (each
-    rank hashes its share), all in checkpoints/.tmp-NAME, renamed to NAME once complete. Any failure (a full disk)
-    on any rank removes the partial directory and raises CheckpointError on every rank; older checkpoints are
-    untouched, and only once the new one is in place are those beyond `keep` deleted."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    root = os.path.join(out_dir, "checkpoints")
-    name = checkpoint_name(state["stage"], state["step"])
-    tmp, final = os.path.join(root, ".tmp-" + name), os.path.join(root, name)
-
-    def phase(fn):  # run fn on this rank; if it failed on any rank, clean up and fail on all of them
-        try:
-            out, err = fn(), None
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            out, err = None, _error_text(e)
-        err = next((e for e in all_gather_object(err) if e), None)
-        if err is not None:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            have = [os.path.basename(p) for p in convert.checkpoints(out_dir)]
-            raise CheckpointError(f"could not write checkpoint {name} ({err}); " + (
-                f"{have[-1]} is intact: fix that and run the same command again to resume from it" if have else
-                "there is no earlier checkpoint: fix that and run the same command again"))
-        return out
-
-    def start():
-        if rank == 0:
-            os.makedirs(root, exist_ok=True)
-            for d in os.listdir(root):  # leftovers of a save that was interrupted
-                if d.startswith(".tmp-"):
-                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-            os.makedirs(tmp)
-    phase(start)
-    msd, osd = get_state_dict(model, opt)
-    phase(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp))
-    phase(lambda: rank == 0 and _write_durably(os.path.join(tmp, "state.pt"), lambda f: torch.save(state, f)))
-    names = sorted(os.listdir(tmp))
-    mine = phase(lambda: convert.hash_files([os.path.join(tmp, n) for n in names[rank::world]]))
-    files = {os.path.basename(p): list(v) for part in all_gather_object(mine) for p, v in part.items()}
-
-    def finish():
-        if rank != 0:
-            return
-        manifest = json.dumps(dict(format=1, files=files), indent=1).encode()
-        _write_durably(os.path.join(tmp, convert.MANIFEST), lambda f: f.write(manifest))
-        if os.path.exists(final):  # the same step saved again after a resume: the new copy replaces it
-            os.rename(final, tmp + "-old")
-        os.rename(tmp, final)
-        shutil.rmtree(tmp + "-old", ignore_errors=True)
-        fd = os.open(root, os.O_RDONLY)  # the rename itself survives a power loss
-        os.fsync(fd)
-        os.close(fd)
-    phase(finish)
-    if rank == 0:
-        done = convert.checkpoints(out_dir)
-        for old in done[:-keep] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def find_resume(out_dir, rank, world, log) -> str | None:
-    """The newest checkpoint whose files match its manifest (all ranks share the hashing). A damaged one is renamed
-    .damaged-NAME, kept for inspection but never loaded again, and the one before it is tried."""
-    damaged = []
-    for ckpt in reversed(convert.checkpoints(out_dir)):
-        problem = next((p for p in all_gather_object(convert.check_checkpoint(ckpt, rank, world)) if p), None)
-        if problem is None:
-            return ckpt
-        aside = os.path.join(os.path.dirname(ckpt), ".damaged-" + os.path.basename(ckpt))
-        if rank == 0:
-            shutil.rmtree(aside, ignore_errors=True)
-            os.rename(ckpt, aside)
-        log(f"warning: checkpoint {ckpt} is damaged ({problem}); set aside as {aside}, trying the one before it")
-        damaged.append(f"{os.path.basename(ckpt)}: {problem}")
-        barrier()
-    if damaged:
-        raise CheckpointError(f"no undamaged checkpoint in {out_dir}/checkpoints ({'; '.join(damaged)}); they are "
-                              "set aside as .damaged-*: restore them from a copy, or run the same command again to "
-                              "start the run over")
-    return None
-
-
-def load_checkpoint_weights(path, model, opt):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    msd, osd = get_state_dict(model, opt)
-    sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# -----------------------------------------------------------------------------
-# the stage loop
+# the run: data, per-domain values, and the pieces every stage is built from
 
 @dataclass
 class Stage:
@@ -469,15 +363,17 @@ class Stage:
     seq_len: int
     lr: float
     warmup: float
+    offset: int  # steps of the stages before it: its step s is the run's step offset + s
 
 
 def stages_of(cfg: TrainConfig) -> list[Stage]:
-    out = []
+    out, offset = [], 0
     for name in STAGES:
         steps = getattr(cfg, f"{name}_steps")
         if steps:
-            out.append(Stage(name, steps, getattr(cfg, f"{name}_batch_size"), getattr(cfg, f"{name}_micro_batch_size"),
-                             getattr(cfg, f"{name}_seq_len"), getattr(cfg, f"{name}_lr"), getattr(cfg, f"{name}_warmup")))
+            out.append(Stage(name, steps, *(getattr(cfg, f"{name}_{k}") for k in
+                                            ("batch_size", "micro_batch_size", "seq_len", "lr", "warmup")), offset))
+            offset += steps
     return out
 
 
@@ -491,31 +387,30 @@ def lr_factor(step: int, stage: Stage, min_ratio: float) -> float:
 
 
 class Run:
-    """Everything one process needs across stages: config, data, model, L0, optimizers, weighter, logging."""
+    """What one process holds across stages: config, process group, data, the run directory, logging."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.world, self.device = setup_distributed(cfg)
         self.master = self.rank == 0
         self.dtype = compute_dtype(cfg, self.device)
+        self.dir = RunDir(cfg.out_dir)
         try:
             self.bins = DomainBins(cfg.data_dir)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.domains = self.bins.domains
         p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
-        self.teacher = None  # the frozen source model, when distilling or measuring references against it
-        self.reference_loss = (None if cfg.reference_loss == "teacher" else
-                               self.per_domain("reference_loss", cfg.reference_loss))
         if cfg.domain_proportions is not None and (min(p) < 0 or abs(sum(p) - 1) > 1e-3):
             raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and sum to 1 (they sum to "
                               f"{sum(p):.6g}); they are the initial share of each domain in the training mixture")
+        self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
+        self.reference_loss = None if cfg.teacher_reference else self.per_domain("reference_loss", cfg.reference_loss)
         if self.reference_loss is not None and not all(0 < v < math.inf for v in self.reference_loss):
             raise ConfigError(f"reference_loss={cfg.reference_loss}: every value must be a positive finite loss "
                               "(nats/token)")
-        self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
-        try:  # a placeholder for the teacher's losses, which are measured when a stage starts
-            self.make_weighter([1.0] * len(self.domains) if cfg.reference_loss == "teacher" else None)
+        try:  # the teacher's losses are measured when a stage starts: a placeholder checks the method now
+            self.make_weighter([1.0] * len(self.domains) if cfg.teacher_reference else self.reference_loss)
         except ValueError as e:
             raise ConfigError(f"domain_weighting={cfg.domain_weighting!r}: {e}") from None
         self.stages = stages_of(cfg)
@@ -532,7 +427,8 @@ class Run:
                     self.bins.val_batches(d, s.seq_len, cfg.eval_batch_size, cfg.eval_batches, 0, self.world)
             except ValueError as e:
                 raise ConfigError(f"{s.name} stage: {e}") from None
-        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.teacher = None  # the frozen source model, when distilling or measuring references against it
+        self.src_path = None  # the source model (its tokenizer goes with every export)
         self.wandb = None
         self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
 
@@ -550,46 +446,15 @@ class Run:
                               f"domains: need one value per domain of {self.domains}")
         return list(value)
 
-    # ---------------------------------------------------------------- logging
-
     def log(self, msg: str):
         if self.master:
             print(msg, flush=True)
 
     def record(self, row: dict):
-        if not self.master:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row)
-
-    # ---------------------------------------------------------------- pieces of a stage
-
-    def make_weighter(self, reference=None) -> dro.DomainWeighter:
-        c = self.cfg
-        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting,
-                                  self.reference_loss if reference is None else reference, rho=c.rho,
-                                  min_prob=c.min_prob, seed=c.seed)
-
-    def make_optimizer(self, model, stage: Stage):
-        c = self.cfg
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # CPU: the fused kernel, one pass over the state (6.4x faster than the for-loop on SmolLM2's 134M weights:
-        # 48 vs 308 ms, 6% of a training step; bench/speed.py --rows adamw); GPU: foreach, the default
-        cpu = self.device.type == "cpu"
-        return torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8,
-                                 fused=cpu or None, foreach=None if cpu else True)
-
-    def evaluate(self, model, masks, seq_len) -> np.ndarray:
-        c = self.cfg
-        with self.autocast():
-            val = evaluate(model, self.bins, seq_len, c.eval_batch_size, c.eval_batches, masks, self.rank,
-                           self.world, self.device)
-        reshard(model)
-        return val
+        if self.master:
+            self.dir.record(row)
+            if self.wandb is not None:
+                self.wandb.log(row)
 
     def autocast(self):
         # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
@@ -597,191 +462,39 @@ class Run:
         use = self.world == 1 and self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=use)
 
-    # ---------------------------------------------------------------- one stage
-
-    def run_stage(self, stage: Stage, model, state: dict, l0: L0Module | None, l0_opt, resume_path: str | None):
+    def evaluate(self, model, masks, seq_len) -> np.ndarray:
         c = self.cfg
-        sampler = MixtureSampler(self.bins, stage.seq_len, stage.batch_size, seed=c.seed + STAGES.index(stage.name))
-        reference = None
-        if c.reference_loss == "teacher":  # measured where the stage starts, on the batches its evaluations use
-            reference = self.evaluate(self.teacher, None, stage.seq_len).tolist()
-            self.log(f"{stage.name}: reference losses = the source model's validation losses: " +
-                     ", ".join(f"{d} {v:.3f}" for d, v in zip(self.domains, reference)))
-        weighter = self.make_weighter(reference)
-        kd = self.teacher is not None and c.distill_alpha > 0 and (stage.name == "cpt" or c.distill_prune)
-        opt = self.make_optimizer(model, stage)
-        step = 0
-        if resume_path is not None:
-            load_checkpoint_weights(resume_path, model, opt)
-            sampler.load_state_dict(state["sampler"])
-            weighter.load_state_dict(state["weighter"])
-            step = state["step"]
-            self.log(f"resumed {stage.name} at step {step} from {resume_path}")
-        offset = sum(s.steps for s in self.stages[:self.stages.index(stage)])
-        B, mb, T = stage.batch_size, stage.micro_batch_size, stage.seq_len
-        rows = B // self.world
-        lo = self.rank * rows
-        D = len(self.domains)
-        bar = None
+        with self.autocast():
+            val = report.evaluate(model, self.bins, seq_len, c.eval_batch_size, c.eval_batches, masks, self.rank,
+                                  self.world, self.device)
+        reshard(model)
+        return val
+
+    def load_source(self, path) -> tuple[ModelConfig, dict | None]:
+        """(config, weights) of a model: rank 0 reads the weights, the others get the config (and any error, so
+        that none waits for rank 0). Data tokenized for another vocabulary or tokenizer is refused."""
+        mcfg = sd = error = None
         if self.master:
-            from tqdm import tqdm
-            bar = tqdm(total=stage.steps, initial=step, desc=stage.name, dynamic_ncols=True, leave=True,
-                       disable=not sys.stderr.isatty())
-        saved = step if resume_path is not None else None  # the step of the newest checkpoint of this stage
-        # training time and tokens of this stage (evaluation and checkpoints excluded), carried across resumes
-        self.clock = dict(state.get("clock", {})) if resume_path is not None else {"seconds": 0.0, "tokens": 0}
-        if step == 0:  # where the stage starts, for the plots (no weighter update)
-            self.eval_and_update(stage, model, l0, weighter, step, offset, update=False)
-            if stage.name == "cpt" and offset and resume_path is None:  # right after compaction: never prune twice
-                self.save(model, opt, None, None, sampler, weighter, stage.name, step)
-                saved = step
-        t0, tokens_since, terminated = time.perf_counter(), 0, False
-        while step < stage.steps:
-            t_step = time.perf_counter()
-            if c.stop_at and offset + step >= c.stop_at:
-                if saved != step:
-                    self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
-                raise StopRun(f"stopped at step {offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
-                              "without stop_at (or with a later one) to resume")
-            if terminated:  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
-                if saved != step:
-                    self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
-                raise StopRun(f"terminated (SIGTERM) at step {offset + step}, with a checkpoint; run the same command "
-                              "again to resume", code=143)
-            f = lr_factor(step, stage, c.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = stage.lr * f
-            if l0 is not None:
-                for g, lr in zip(l0_opt.param_groups, (c.lag_lr, c.lambda_lr or c.lag_lr)):
-                    g["lr"] = lr * f  # the reference schedules the mask and lambda groups like the model
-            x, y, dom = sampler.next(weighter.proportions, self.rank, self.world)
-            x, y, dom = x.to(self.device), y.to(self.device), dom.to(self.device)
-            n_tokens = B * T  # every position is a target in these windows
-            loss_sums = torch.zeros(D, dtype=torch.float64, device=self.device)
-            counts = torch.zeros(D, dtype=torch.float64, device=self.device)
-            kd_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-            # FSDP2 reduce-scatters after every micro-batch: skipping it would hold unsharded fp32 gradients
-            for i in range(0, rows, mb):
-                masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
-                with self.autocast():
-                    if kd:  # the objective per token, and its cross-entropy part for the weighter and the logs
-                        with torch.no_grad():
-                            teacher = (self.teacher.hidden(x[i:i + mb]), self.teacher.lm_head.weight, c.distill_alpha,
-                                       c.distill_temperature)
-                        tok, ce = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none", teacher=teacher)
-                        kd_sum += tok.detach().double().sum()
-                    else:
-                        tok = ce = model(x[i:i + mb], y[i:i + mb], masks=masks, reduction="none")  # (mb, T)
-                # x world: FSDP averages the gradients over ranks, and the loss is a mean over the global batch
-                (tok.sum() * (self.world / n_tokens)).backward()
-                loss_sums.index_add_(0, dom[i:i + mb], ce.detach().double().sum(1))
-                counts.index_add_(0, dom[i:i + mb], (y[i:i + mb] != -100).sum(1).double())
-            if l0 is not None:
-                l0.lagrangian(step).backward()
-                l0.all_reduce_grads_()
-            # one all-reduce per step: per-domain loss sums and token counts, the distillation objective's sum, and
-            # whether any rank got SIGTERM (so that every rank stops at the same step boundary)
-            stats = torch.cat([loss_sums, counts, kd_sum, kd_sum.new_tensor([float(self.sigterm)])])
-            all_reduce(stats)
-            loss_sums, counts, kd_sum, terminated = stats[:D], stats[D:2 * D], stats[2 * D], bool(stats[-1] > 0)
-            loss = float(loss_sums.sum() / counts.sum())  # cross-entropy, also when the objective is distillation
-            if kd:
-                kd_loss = float(kd_sum / counts.sum())
-                loss = loss if math.isfinite(kd_loss) else kd_loss
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. "
-                                         + self.nan_advice(stage))
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-            gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            if not math.isfinite(gnorm):  # before the step: no NaN ever reaches the weights or a checkpoint
-                raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. "
-                                         + self.nan_advice(stage))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if l0 is not None:
-                l0_opt.step()
-                l0_opt.zero_grad(set_to_none=True)
-                l0.constrain_()
-            weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
-            step += 1
-            tokens_since += n_tokens
-            self.clock["tokens"] += n_tokens
-            self.clock["seconds"] += time.perf_counter() - t_step
-            if bar is not None:
-                bar.update(1)
-            if step % c.log_interval == 0 or step == stage.steps:
-                dt = time.perf_counter() - t0
-                row = dict(stage=stage.name, step=step, iter=offset + step, loss=loss, lr=stage.lr * f,
-                           grad_norm=gnorm, tokens_per_s=tokens_since / dt, **({"distill_loss": kd_loss} if kd else {}))
-                row.update({f"train/{n}": float(s / k) for n, s, k in zip(self.domains, loss_sums.tolist(),
-                                                                           counts.tolist()) if k})
-                if l0 is not None:
-                    row.update(l0.stats(step))
-                msg = (f"{stage.name} {step}/{stage.steps} | loss {loss:.4f}" + (f" (distill {kd_loss:.4f})" if kd else "")
-                       + f" | lr {stage.lr * f:.2e} | {tokens_since / dt:,.0f} tok/s")
-                if self.device.type == "cuda":
-                    row["mfu"] = mfu(model, tokens_since / dt, self.world, T)
-                    msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
-                if l0 is not None:
-                    msg += (f" | sparsity {row['expected_sparsity']:.3f} -> {row['target_sparsity']:.3f}"
-                            f" (final {row['final_sparsity']:.3f})")
-                self.record(row)
-                (bar.write if bar is not None and not bar.disable else self.log)(msg)
-                tokens_since = 0
-            if step % c.eval_interval == 0 or step == stage.steps:
-                self.eval_and_update(stage, model, l0, weighter, step, offset, update=True)
-            if step % c.save_interval == 0 and step < stage.steps:
-                self.save(model, opt, l0, l0_opt, sampler, weighter, stage.name, step)
-                saved = step
-            t0 = time.perf_counter() if step % c.log_interval == 0 else t0  # evaluation and saving are not training
-        if bar is not None:
-            bar.close()
-        row = dict(stage=stage.name, step=step, iter=offset + step, stage_seconds=self.clock["seconds"],
-                   stage_tokens=self.clock["tokens"], stage_tokens_per_s=self.clock["tokens"] / max(self.clock["seconds"], 1e-9),
-                   peak_memory_gb=peak_memory_gb(self.device))
-        if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
-            st = l0.stats(step)
-            row.update(compaction_expected_sparsity=st["expected_sparsity"], compaction_final_sparsity=st["final_sparsity"])
-            self.log(f"prune end: expected sparsity {st['expected_sparsity']:.3f}, target {st['final_sparsity']:.3f} "
-                     f"(gap {st['expected_sparsity'] - st['final_sparsity']:+.3f}); compacting to the target")
-        self.record(row)
+            try:
+                mcfg, sd = convert.load_hf(path)
+            except (convert.ConvertError, ValueError, OSError) as e:
+                error = str(e)
+        mcfg, error = broadcast_object((mcfg, error))
+        if error:
+            raise convert.ConvertError(error)
+        self.check_data(mcfg, path)
+        return mcfg, sd
 
-    def nan_advice(self, stage: Stage) -> str:
-        return (f"The checkpoints in {self.cfg.out_dir}/checkpoints are intact: resume from the last one with a lower "
-                f"learning rate, e.g. --{stage.name}_lr={stage.lr / 2:g} --allow_changes={stage.name}_lr")
+    def check_data(self, mcfg: ModelConfig, path: str):
+        try:
+            self.bins.check_compatible(mcfg.vocab_size, tokenizer_fingerprint(path))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
-    def eval_and_update(self, stage, model, l0, weighter, step, offset, update: bool):
+    def make_weighter(self, reference) -> dro.DomainWeighter:
         c = self.cfg
-        masks = l0.expected_masks() if l0 is not None else None
-        val = self.evaluate(model, masks, stage.seq_len)
-        row = dict(stage=stage.name, step=step, iter=offset + step)
-        row.update({f"val/{n}": float(v) for n, v in zip(self.domains, val)})
-        st = l0.stats(step) if l0 is not None else {}
-        if update:
-            weighter.update(step, max_steps=stage.steps, val_losses=val,
-                            expected_sparsity=st.get("expected_sparsity"), final_sparsity=st.get("final_sparsity"))
-            if self.world > 1:  # identical on every rank by construction; rank 0's is authoritative
-                q = torch.tensor(weighter.q, dtype=torch.float64, device=self.device)  # NCCL: on the GPU
-                dist.broadcast(q, 0)
-                weighter.q = q.cpu().numpy()
-        row.update(weighter.stats())
-        if l0 is not None:
-            row.update({k: v for k, v in st.items() if "sparsity" in k})
-        self.record(row)
-        self.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
-            f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(self.domains, val, weighter.q)) + "  [val loss (weight)]")
-        if self.master:
-            plot_metrics(c.out_dir)
-
-    def save(self, model, opt, l0, l0_opt, sampler, weighter, stage: str, step: int):
-        state = dict(stage=stage, step=step, config=asdict(self.cfg), model_config=asdict(model.config),
-                     src_path=os.path.abspath(self.src_path), clock=dict(self.clock), sampler=sampler.state_dict(),
-                     weighter=weighter.state_dict(), l0=None if l0 is None else to_cpu(l0.state_dict()),
-                     l0_opt=None if l0 is None else to_cpu(l0_opt.state_dict()))
-        save_checkpoint(self.cfg.out_dir, self.cfg.keep_checkpoints, self.rank, self.world, model, opt, state)
-        self.log(f"saved checkpoint {checkpoint_name(stage, step)}")
-
-    # ---------------------------------------------------------------- the whole run
+        return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, reference, rho=c.rho,
+                                  min_prob=c.min_prob, seed=c.seed)
 
     def make_l0(self, mcfg: ModelConfig) -> L0Module:
         c = self.cfg
@@ -792,56 +505,38 @@ class Run:
         try:
             target = TargetShape.resolve(mcfg, **asdict(c))
             if c.target_params:
-                n = total_params(mcfg, target)
-                self.log(f"target_params={c.target_params:g} -> target {describe_target(target)} ({n / 1e6:,.1f}M "
-                         "parameters)")
+                self.log(f"target_params={c.target_params:g} -> target {report.describe(target)} "
+                         f"({total_params(mcfg, target) / 1e6:,.1f}M parameters)")
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
         return l0.to(self.device)
 
-    def load_source(self, path) -> tuple[ModelConfig, dict | None]:
-        """(config, weights) of a model: rank 0 reads the weights, the others get the config (and any error, so
-        that none waits for rank 0)."""
-        mcfg = sd = error = None
-        if self.master:
-            try:
-                mcfg, sd = convert.load_hf(path)
-            except (convert.ConvertError, ValueError, OSError) as e:
-                error = str(e)
-        mcfg, error = broadcast_object((mcfg, error))
-        if error:
-            raise convert.ConvertError(error)
-        return mcfg, sd
-
-    def build_teacher(self, mcfg: ModelConfig, sd: dict | None) -> Transformer:
-        """The frozen source model (sd on rank 0 only). Its blocks are sharded like the student's (FSDP2, bf16 on
-        GPU); the embedding, final norm and lm_head stay whole on every rank, since the distillation loss reads the
-        head's weight chunk by chunk inside the student's forward, outside any forward of the teacher."""
-        with torch.device("meta"):
-            teacher = Transformer(mcfg)
-        if self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = MixedPrecisionPolicy(param_dtype=compute_dtype(self.cfg, self.device), reduce_dtype=torch.float32)
-            for block in teacher.model.layers:
-                fully_shard(block, mp_policy=mp)
-        teacher.to_empty(device=self.device)
-        if mcfg.tie_word_embeddings:
-            teacher.lm_head.weight = teacher.model.embed_tokens.weight
-        sd = sd if sd is None or not mcfg.tie_word_embeddings else {**sd, "lm_head.weight": sd["model.embed_tokens.weight"]}
-        if self.world > 1:
-            set_model_state_dict(teacher, sd if self.master else {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            teacher.load_state_dict(sd)
-        teacher.requires_grad_(False)
-        return teacher.eval()
+    def make_optimizers(self, model, l0: L0Module | None, stage: Stage) -> tuple[list, list]:
+        """([the model's AdamW] + [the masks' and lambdas' AdamW] while pruning, their groups' peak learning rates).
+        The reference schedules the mask and lambda groups like the model (warm-up, cosine)."""
+        c = self.cfg
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": c.weight_decay},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        # CPU: the fused kernel, one pass over the state (bench/speed.py --rows adamw); GPU: foreach, the default
+        cpu = self.device.type == "cpu"
+        opts = [torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8,
+                                  fused=cpu or None, foreach=None if cpu else True)]
+        peaks = [[stage.lr, stage.lr]]
+        if l0 is not None:
+            # weight decay 0: decoupled decay would shrink lambda, which ascends by gradient reversal
+            lam_lr = c.lambda_lr or c.lag_lr
+            opt = torch.optim.AdamW([{"params": [z.log_alpha for z in l0.z.values()], "lr": c.lag_lr},
+                                     {"params": list(l0.lambdas.values()), "lr": lam_lr}],
+                                    betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=0.0)
+            opt.register_step_post_hook(lambda *_: l0.constrain_())  # log_alpha stays in its range after each step
+            opts.append(opt)
+            peaks.append([c.lag_lr, lam_lr])
+        return opts, peaks
 
     def init_masks_from_importance(self, model, l0: L0Module, stage: Stage):
         """log_alpha from activation importance over mask_init_batches global batches of the initial mixture,
         drawn by a sampler of their own (the training batches stay those of a uniform-init run)."""
-        from l0 import activation_importance
         c = self.cfg
         sampler = MixtureSampler(self.bins, stage.seq_len, stage.batch_size, seed=c.seed + 1000)
 
@@ -860,496 +555,358 @@ class Run:
             msg += f"; least important layers first: {order}"
         self.log(msg + "; log_alpha set by rank within each mask")
 
-    def make_l0_optimizer(self, l0):
-        c = self.cfg
-        # weight decay 0: decoupled decay would shrink lambda, which ascends by gradient reversal
-        return torch.optim.AdamW([{"params": [z.log_alpha for z in l0.z.values()], "lr": c.lag_lr},
-                                  {"params": list(l0.lambdas.values()), "lr": c.lambda_lr or c.lag_lr}],
-                                 betas=(c.beta1, c.beta2), eps=1e-8, weight_decay=0.0)
-
-    def main(self, resume: str | None):
-        """The run from its start, or from the checkpoint `resume` (one that find_resume checked)."""
-        c = self.cfg
-        state = torch.load(os.path.join(resume, "state.pt"), map_location="cpu", weights_only=False) if resume else None
-        src_path = convert._resolve(resolve_init(c.init_from))
-        teacher_path = convert._resolve(resolve_init(c.teacher)) if c.teacher else src_path
-        need_teacher = c.reference_loss == "teacher" or c.distill_alpha > 0 and (c.cpt_steps > 0 or c.distill_prune)
-        mcfg = sd = tcfg = tsd = None
-        if state is None:
-            mcfg, sd = self.load_source(src_path)
-        else:  # resuming: the weights come from the checkpoint
-            mcfg = ModelConfig(**state["model_config"])
-        self.src_path = src_path
-        self.check_data(mcfg, src_path)
-        if need_teacher:
-            tcfg, tsd = (mcfg, sd) if teacher_path == src_path and state is None else self.load_source(teacher_path)
-            self.check_data(tcfg, teacher_path)
-            self.teacher = self.build_teacher(tcfg, tsd if self.master else None)
-        del tsd
-        if self.master and c.wandb_project:
-            try:
-                import wandb
-                self.wandb = wandb
-                wandb.init(project=c.wandb_project, name=os.path.basename(os.path.abspath(c.out_dir)),
-                           config=asdict(c), resume="allow")
-            except ImportError:
-                print("wandb_project is set but wandb is not installed (pip install wandb); not logging to it")
-        stage_names = [s.name for s in self.stages]
-        start = stage_names.index(state["stage"]) if state is not None else 0
-        for si in range(start, len(self.stages)):
-            stage = self.stages[si]
-            resuming = state is not None and si == start
-            # resuming: the weights come from the checkpoint (sd is None)
-            model = build_model(mcfg, sd if self.master else None, c, self.device, self.world)
-            sd = None
-            l0 = l0_opt = None
-            if stage.name == "prune":
-                l0 = self.make_l0(mcfg)
-                l0_opt = self.make_l0_optimizer(l0)
-                if resuming:
-                    l0.load_state_dict(state["l0"])
-                    l0_opt.load_state_dict(state["l0_opt"])
-                elif c.mask_init == "importance":
-                    self.init_masks_from_importance(model, l0, stage)
-            self.log(f"stage {stage.name}: {stage.steps} steps of {stage.batch_size} x {stage.seq_len} tokens on "
-                     f"{self.world} process(es), {self.device.type}, {str(self.dtype).removeprefix('torch.')}; "
-                     f"model {describe(mcfg)}" + (f" -> target {describe_target(l0.target)}" if l0 else ""))
-            self.run_stage(stage, model, state if resuming else None, l0, l0_opt, resume if resuming else None)
-            full = full_state_dict(model)
-            del model
-            if stage.name == "prune":  # compact: gathered on rank 0, re-sharded when the next stage builds it
-                masks = l0.deterministic_masks()
-                if self.master:
-                    mcfg, sd = prune_state_dict(mcfg, full, masks)
-                    save_masks(c.out_dir, l0, masks)
-                    self.export(mcfg, sd, "pruned")
-                mcfg = broadcast_object(mcfg)
-            else:
-                sd = full
-            if si + 1 == len(self.stages) and self.master:
-                self.export(mcfg, sd, "hf")
-        barrier()
-        if self.master:
-            done = json.dumps(dict(model_config=asdict(mcfg), hf=os.path.join(c.out_dir, "hf")), indent=1).encode()
-            _write_durably(os.path.join(c.out_dir, "done.json"), lambda f: f.write(done), atomic=True)
-            plot_metrics(c.out_dir)
-        self.log(f"done: {os.path.join(c.out_dir, 'hf')} ({describe(mcfg)})")
-
-    def check_data(self, mcfg, src_path):
-        import prepare
-        try:
-            fp = prepare.tokenizer_fingerprint(src_path) if os.path.isdir(src_path) else None
-        except prepare.PrepareError:
-            fp = None  # no tokenizer files beside the model: only the vocabulary size can be checked
-        try:
-            self.bins.check_compatible(mcfg.vocab_size, fp)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
-    def export(self, mcfg, sd, name):
-        model = Transformer.from_state_dict(mcfg, {k: v.float() for k, v in sd.items()})
-        out = os.path.join(self.cfg.out_dir, name)
-        convert.export_hf(model, out, tokenizer_src=self.src_path, dtype=getattr(torch, self.cfg.export_dtype),
-                          force=True)
-        self.log(f"exported {out} ({describe(mcfg)})")
+    def nan_advice(self, stage: Stage) -> str:
+        return (f"The checkpoints in {self.cfg.out_dir}/checkpoints are intact: resume from the last one with a lower "
+                f"learning rate, e.g. --{stage.name}_lr={stage.lr / 2:g} --allow_changes={stage.name}_lr")
 
 
 # -----------------------------------------------------------------------------
-# helpers
+# the loop, in execution order
 
-@torch.no_grad()
-def evaluate(model, bins: DomainBins, seq_len: int, batch_size: int, batches: int, masks=None, rank: int = 0,
-             world: int = 1, device="cpu") -> np.ndarray:
-    """Per-domain mean validation loss (nats/token) over fixed batches, the same every time; all ranks together."""
-    sums = torch.zeros(len(bins.domains), 2, dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    for d in range(len(bins.domains)):
-        for x, y in bins.val_batches(d, seq_len, batch_size, batches, rank, world):
-            x, y = x.to(device), y.to(device)
-            sums[d, 0] += model(x, y, masks=masks, reduction="none").double().sum()
-            sums[d, 1] += (y != -100).sum()
-    model.train(was_training)
-    all_reduce(sums)
-    return (sums[:, 0] / sums[:, 1]).cpu().numpy()
-
-
-def peak_memory_gb(device) -> float:
-    """The process's peak memory so far: GPU memory allocated on a GPU, resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-
-
-def to_cpu(obj):
-    """A (nested) state dict with its tensors on the CPU: checkpoints load anywhere."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def reshard(model):
-    """After forwards without a backward: FSDP2 leaves the root's parameters unsharded after the first forward (a
-    backward would reshard them), and an optimizer or a checkpoint must see the sharded ones."""
-    from torch.distributed.fsdp import FSDPModule
-    if isinstance(model, FSDPModule):
-        model.reshard()
+def train(run: Run, ckpt: str | None):
+    """The run from its start, or from the checkpoint `ckpt` (one that find_resume checked): each stage starts
+    from what the one before it handed over (the compacted weights), or from the checkpoint."""
+    c = run.cfg
+    state = checkpoint.read_state(ckpt) if ckpt else None
+    run.src_path = model_source(c.init_from)
+    teacher_path = model_source(c.teacher) if c.teacher else run.src_path
+    if state is None:
+        mcfg, sd = run.load_source(run.src_path)
+    else:  # resuming: the weights come from the checkpoint
+        mcfg, sd = ModelConfig(**state["model_config"]), None
+        run.check_data(mcfg, run.src_path)
+    if c.teacher_reference or any(c.distills(s.name) for s in run.stages):
+        tcfg, tsd = (mcfg, sd) if teacher_path == run.src_path and state is None else run.load_source(teacher_path)
+        run.teacher = build_model(tcfg, tsd if run.master else None, c, run.device, run.world, frozen=True)
+        del tsd
+    if run.master and c.wandb_project:
+        try:
+            import wandb
+            run.wandb = wandb
+            wandb.init(project=c.wandb_project, name=os.path.basename(os.path.abspath(c.out_dir)), config=asdict(c),
+                       resume="allow")
+        except ImportError:
+            print("wandb_project is set but wandb is not installed (pip install wandb); not logging to it")
+    start = [s.name for s in run.stages].index(state["stage"]) if state is not None else 0
+    for i, stage in enumerate(run.stages[start:], start):
+        resume = ckpt if state is not None and i == start else None
+        st = start_stage(run, stage, mcfg, sd, resume)
+        sd = None  # rank 0 handed the weights to the model: the stage holds the only copy
+        mcfg, sd = run_stage(run, st, last_stage=i + 1 == len(run.stages))
+    barrier()
+    if run.master:
+        checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf")))
+        report.plot_metrics(run.dir)
+    run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)})")
 
 
-def all_reduce(t: torch.Tensor):
-    if dist.is_initialized():
-        dist.all_reduce(t)
+@dataclass
+class StageState:
+    """What one stage trains and what its checkpoints restore."""
+    stage: Stage
+    model: torch.nn.Module | None
+    l0: L0Module | None  # while pruning
+    optimizers: list  # the model's, then the masks' (while pruning)
+    peak_lrs: list  # per optimizer, per param group
+    sampler: MixtureSampler
+    weighter: dro.DomainWeighter
+    kd: bool  # distilling from run.teacher
+    step: int = 0
+    saved: int | None = None  # the step of this stage's newest checkpoint
+    clock: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})  # training only, across resumes
+    resumed: bool = False
+    terminated: bool = False  # some rank got SIGTERM (all-reduced with the step's statistics)
 
 
-def all_gather_object(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+def start_stage(run: Run, stage: Stage, mcfg: ModelConfig, sd: dict | None, resume: str | None) -> StageState:
+    """The model (from sd on rank 0, or from the checkpoint `resume`), its masks while pruning, the optimizers, the
+    stage's sampler and a fresh domain weighter."""
+    c = run.cfg
+    model = build_model(mcfg, sd if run.master else None, c, run.device, run.world)
+    l0 = run.make_l0(mcfg) if stage.name == "prune" else None
+    optimizers, peaks = run.make_optimizers(model, l0, stage)
+    if resume is None and l0 is not None and c.mask_init == "importance":
+        run.init_masks_from_importance(model, l0, stage)
+    run.log(f"stage {stage.name}: {stage.steps} steps of {stage.batch_size} x {stage.seq_len} tokens on "
+            f"{run.world} process(es), {run.device.type}, {str(run.dtype).removeprefix('torch.')}; "
+            f"model {report.describe(mcfg)}" + (f" -> target {report.describe(l0.target)}" if l0 else ""))
+    reference = run.reference_loss
+    if c.teacher_reference:  # measured where the stage starts, on the batches its evaluations use
+        reference = run.evaluate(run.teacher, None, stage.seq_len).tolist()
+        run.log(f"{stage.name}: reference losses = the source model's validation losses: " +
+                ", ".join(f"{d} {v:.3f}" for d, v in zip(run.domains, reference)))
+    st = StageState(stage, model, l0, optimizers, peaks,
+                    MixtureSampler(run.bins, stage.seq_len, stage.batch_size, seed=c.seed + STAGES.index(stage.name)),
+                    run.make_weighter(reference), kd=run.teacher is not None and c.distills(stage.name))
+    if resume is not None:
+        state = checkpoint.load(resume, model, optimizers[0])
+        if l0 is not None:
+            l0.load_state_dict(state["l0"])
+            optimizers[1].load_state_dict(state["l0_opt"])
+        st.sampler.load_state_dict(state["sampler"])
+        st.weighter.load_state_dict(state["weighter"])
+        st.step = st.saved = state["step"]
+        st.clock, st.resumed = dict(state.get("clock", st.clock)), True
+        run.log(f"resumed {stage.name} at step {st.step} from {resume}")
+    return st
 
 
-def broadcast_object(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
+def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, dict | None]:
+    """Steps until the stage is done. Every step: evaluate (and update the domain weights) on eval_interval, save
+    on save_interval, stop for stop_at or SIGTERM, one train_step, log. The last step evaluates and hands the
+    weights over (finish_stage)."""
+    c, stage = run.cfg, st.stage
+    bar = tqdm(total=stage.steps, initial=st.step, desc=stage.name, dynamic_ncols=True, leave=True,
+               disable=not (run.master and sys.stderr.isatty()))
+    write = bar.write if not bar.disable else run.log
+    first, t0, tokens = st.step, time.perf_counter(), 0  # tokens since the last log line, for its throughput
+    while True:
+        step, last_step = st.step, st.step == stage.steps
+        if step == 0 or step > first:  # (a resumed step's evaluation and checkpoint are in the files already)
+            if step == 0 or step % c.eval_interval == 0 or last_step:
+                evaluate_and_update(run, st, update=step > 0)
+            if step == 0 and stage.offset and not st.resumed:  # right after compaction: never prune twice
+                save(run, st)
+            elif 0 < step < stage.steps and step % c.save_interval == 0:
+                save(run, st)
+        if last_step:
+            bar.close()
+            return finish_stage(run, st, last_stage)
+        if step % c.log_interval == 0 or step == first:
+            t0 = time.perf_counter()  # evaluation and saving are not training
+        if c.stop_at and stage.offset + step >= c.stop_at:
+            if st.saved != step:
+                save(run, st)
+            raise StopRun(f"stopped at step {stage.offset + step} (stop_at={c.stop_at}) with a checkpoint; run "
+                          "again without stop_at (or with a later one) to resume")
+        if st.terminated:  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
+            if st.saved != step:
+                save(run, st)
+            raise StopRun(f"terminated (SIGTERM) at step {stage.offset + step}, with a checkpoint; run the same "
+                          "command again to resume", code=143)
+        t_step = time.perf_counter()
+        row = train_step(run, st)
+        st.step += 1
+        tokens += stage.batch_size * stage.seq_len
+        st.clock["tokens"] += stage.batch_size * stage.seq_len
+        st.clock["seconds"] += time.perf_counter() - t_step
+        bar.update(1)
+        if st.step % c.log_interval == 0 or st.step == stage.steps:
+            log_step(run, st, row, tokens / (time.perf_counter() - t0), write)
+            tokens = 0
 
 
-def describe(m: ModelConfig) -> str:
-    return (f"{m.num_hidden_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads}/{m.num_key_value_heads} "
-            f"heads, intermediate {m.intermediate_size}")
+def train_step(run: Run, st: StageState) -> dict:
+    """One optimizer step on one global batch: micro-batches with one mask sample each, the Lagrangian, one
+    all-reduce of the step's statistics, clipping, the optimizers, the weighter's training losses. Returns what
+    the log line shows."""
+    c, stage, model, l0, step = run.cfg, st.stage, st.model, st.l0, st.step
+    f = lr_factor(step, stage, c.min_lr_ratio)
+    for opt, peaks in zip(st.optimizers, st.peak_lrs):
+        for g, lr in zip(opt.param_groups, peaks):
+            g["lr"] = lr * f
+    x, y, dom = st.sampler.next(st.weighter.proportions, run.rank, run.world)
+    x, y, dom = x.to(run.device), y.to(run.device), dom.to(run.device)
+    B, mb, D = stage.batch_size, stage.micro_batch_size, len(run.domains)
+    n_tokens, rows, lo = B * stage.seq_len, B // run.world, run.rank * (B // run.world)  # every position a target
+    loss_sums = torch.zeros(D, dtype=torch.float64, device=run.device)
+    counts = torch.zeros(D, dtype=torch.float64, device=run.device)
+    kd_sum = torch.zeros(1, dtype=torch.float64, device=run.device)
+    # FSDP2 reduce-scatters after every micro-batch: skipping it would hold unsharded fp32 gradients
+    for i in range(0, rows, mb):
+        masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
+        xi, yi = x[i:i + mb], y[i:i + mb]
+        with run.autocast():
+            if st.kd:  # the objective per token, and its cross-entropy part for the weighter and the logs
+                with torch.no_grad():
+                    teacher = (run.teacher.hidden(xi), run.teacher.lm_head.weight, c.distill_alpha,
+                               c.distill_temperature)
+                tok, ce = model(xi, yi, masks=masks, reduction="none", teacher=teacher)
+                kd_sum += tok.detach().double().sum()
+            else:
+                tok = ce = model(xi, yi, masks=masks, reduction="none")  # (mb, T)
+        # x world: FSDP averages the gradients over ranks, and the loss is a mean over the global batch
+        (tok.sum() * (run.world / n_tokens)).backward()
+        loss_sums.index_add_(0, dom[i:i + mb], ce.detach().double().sum(1))
+        counts.index_add_(0, dom[i:i + mb], (yi != -100).sum(1).double())
+    if l0 is not None:
+        l0.lagrangian(step).backward()
+        l0.all_reduce_grads_()
+    # one all-reduce per step: per-domain loss sums and token counts, the distillation objective's sum, and
+    # whether any rank got SIGTERM (so that every rank stops at the same step boundary)
+    stats = torch.cat([loss_sums, counts, kd_sum, kd_sum.new_tensor([float(run.sigterm)])])
+    all_reduce(stats)
+    loss_sums, counts, kd_sum, st.terminated = stats[:D], stats[D:2 * D], stats[2 * D], bool(stats[-1] > 0)
+    loss = float(loss_sums.sum() / counts.sum())  # cross-entropy, also when the objective is distillation
+    kd_loss = float(kd_sum / counts.sum()) if st.kd else None
+    if kd_loss is not None and not math.isfinite(kd_loss):
+        loss = kd_loss
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. "
+                                 + run.nan_advice(stage))
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    if not math.isfinite(gnorm):  # before the step: no NaN ever reaches the weights or a checkpoint
+        raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. "
+                                 + run.nan_advice(stage))
+    for opt in st.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    st.weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
+    row = dict(loss=loss, lr=stage.lr * f, grad_norm=gnorm, **({"distill_loss": kd_loss} if st.kd else {}))
+    row.update({f"train/{n}": float(s / k) for n, s, k in zip(run.domains, loss_sums.tolist(), counts.tolist()) if k})
+    return row
 
 
-def describe_target(t: TargetShape) -> str:
-    return (f"{t.num_hidden_layers} layers, hidden {t.hidden_size}, {t.num_attention_heads}/{t.num_key_value_heads} "
-            f"heads, intermediate {t.intermediate_size}")
+def log_step(run: Run, st: StageState, row: dict, tokens_per_s: float, write):
+    stage, step = st.stage, st.step
+    row = dict(stage=stage.name, step=step, iter=stage.offset + step, loss=row.pop("loss"), lr=row.pop("lr"),
+               grad_norm=row.pop("grad_norm"), tokens_per_s=tokens_per_s, **row)
+    msg = (f"{stage.name} {step}/{stage.steps} | loss {row['loss']:.4f}" +
+           (f" (distill {row['distill_loss']:.4f})" if st.kd else "") +
+           f" | lr {row['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
+    if st.l0 is not None:
+        row.update(st.l0.stats(step))
+    if run.device.type == "cuda":
+        row["mfu"] = report.mfu(st.model, tokens_per_s, run.world, stage.seq_len)
+        msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
+    if st.l0 is not None:
+        msg += (f" | sparsity {row['expected_sparsity']:.3f} -> {row['target_sparsity']:.3f}"
+                f" (final {row['final_sparsity']:.3f})")
+    run.record(row)
+    write(msg)
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16
+def evaluate_and_update(run: Run, st: StageState, update: bool):
+    """Per-domain validation losses (masks of the current expected size while pruning) -> the weighter's update
+    (identical on every rank; rank 0's is broadcast anyway), metrics.jsonl, the plots."""
+    stage, step, l0, weighter = st.stage, st.step, st.l0, st.weighter
+    val = run.evaluate(st.model, l0.expected_masks() if l0 is not None else None, stage.seq_len)
+    sparsity = {k: v for k, v in l0.stats(step).items() if "sparsity" in k} if l0 is not None else {}
+    if update:
+        weighter.update(step, max_steps=stage.steps, val_losses=val,
+                        expected_sparsity=sparsity.get("expected_sparsity"),
+                        final_sparsity=sparsity.get("final_sparsity"))
+        if run.world > 1:
+            q = torch.tensor(weighter.q, dtype=torch.float64, device=run.device)  # NCCL: on the GPU
+            dist.broadcast(q, 0)
+            weighter.q = q.cpu().numpy()
+    run.record(dict(stage=stage.name, step=step, iter=stage.offset + step,
+                    **{f"val/{n}": float(v) for n, v in zip(run.domains, val)}, **weighter.stats(), **sparsity))
+    run.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
+        f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(run.domains, val, weighter.q)) + "  [val loss (weight)]")
+    if run.master:
+        report.plot_metrics(run.dir)
 
 
-def mfu(model, tokens_per_s: float, world: int, T: int) -> float:
-    """Model-FLOPs utilisation: ModelConfig.flops_per_token against the GPU's dense bf16 peak."""
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    if peak is None:
-        return 0.0
-    return model.config.flops_per_token(T) * tokens_per_s / (peak * world)
+def save(run: Run, st: StageState):
+    pruning = st.l0 is not None
+    state = dict(stage=st.stage.name, step=st.step, config=asdict(run.cfg), model_config=asdict(st.model.config),
+                 src_path=os.path.abspath(run.src_path), clock=dict(st.clock), sampler=st.sampler.state_dict(),
+                 weighter=st.weighter.state_dict(), l0=st.l0.state_dict() if pruning else None,
+                 l0_opt=st.optimizers[1].state_dict() if pruning else None)
+    checkpoint.save(run.dir, st.model, st.optimizers[0], state, run.cfg.keep_checkpoints, run.rank, run.world)
+    st.saved = st.step
+    run.log(f"saved checkpoint {checkpoint.checkpoint_name(st.stage.name, st.step)}")
 
 
-def save_masks(out_dir, l0, masks):
+def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, dict | None]:
+    """The stage's summary row; the weights gathered on rank 0, compacted to the target after pruning (exported to
+    pruned/, the masks to masks.pt), exported to hf/ after the last stage. Returns (config, full state dict on
+    rank 0, None elsewhere) for the next stage."""
+    stage, l0, clock = st.stage, st.l0, st.clock
+    row = dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, stage_seconds=clock["seconds"],
+               stage_tokens=clock["tokens"], stage_tokens_per_s=clock["tokens"] / max(clock["seconds"], 1e-9),
+               peak_memory_gb=report.peak_memory_gb(run.device))
+    if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
+        s = l0.stats(st.step)
+        row.update(compaction_expected_sparsity=s["expected_sparsity"], compaction_final_sparsity=s["final_sparsity"])
+        run.log(f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f} "
+                f"(gap {s['expected_sparsity'] - s['final_sparsity']:+.3f}); compacting to the target")
+    run.record(row)
+    mcfg, sd = st.model.config, full_state_dict(st.model)
+    st.model = st.optimizers = None  # gathered: the shards can go before the compacted copy is made
+    if l0 is not None:  # compact: gathered on rank 0, re-sharded when the next stage builds it
+        masks = l0.deterministic_masks()
+        if run.master:
+            mcfg, sd = prune_state_dict(mcfg, sd, masks)
+            save_masks(run, l0, masks)
+            export(run, mcfg, sd, "pruned")
+        mcfg = broadcast_object(mcfg)
+    if last_stage and run.master:
+        export(run, mcfg, sd, "hf")
+    return mcfg, sd
+
+
+def save_masks(run: Run, l0: L0Module, masks: dict):
     obj = dict(masks={k: v.cpu() for k, v in masks.items()},
                log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
                lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
                source_config=asdict(l0.cfg))
-    _write_durably(os.path.join(out_dir, "masks.pt"), lambda f: torch.save(obj, f), atomic=True)
+    checkpoint.write_durably(run.dir.file("masks.pt"), lambda f: torch.save(obj, f), atomic=True)
 
 
-def read_metrics(out_dir) -> list[dict]:
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # the last line, cut by a kill or a full disk; the resumed run writes it again
-                pass
-    return rows
-
-
-def truncate_metrics(out_dir, stage: str, step: int):
-    """On resume, drop the lines written after the checkpoint (they will be written again)."""
-    rows = read_metrics(out_dir)
-    pos = (STAGES.index(stage), step)
-    # lines of the checkpoint's own step stay, except at step 0, whose evaluation the resumed stage repeats
-    keep = [r for r in rows if (STAGES.index(r["stage"]), r["step"]) < pos or (r["stage"], r["step"]) == (stage, step)
-            and step > 0]
-    text = "".join(json.dumps(r) + "\n" for r in keep).encode()  # rewritten always: drops a cut last line too
-    _write_durably(os.path.join(out_dir, "metrics.jsonl"), lambda f: f.write(text), atomic=True)
-
-
-def plot_metrics(out_dir):
-    """plots/weights.png, plots/val_loss.png, plots/sparsity.png from metrics.jsonl, against the global step."""
-    rows = read_metrics(out_dir)
-    if not rows:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    switch = next((r["iter"] for r in rows if r["stage"] == "cpt"), None)
-
-    def series(prefix):
-        keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
-        return {k[len(prefix):]: [(r["iter"], r[k]) for r in rows if k in r] for k in keys}
-
-    panels = [("weights", "weight/", "domain weight"), ("val_loss", "val/", "validation loss (nats/token)")]
-    for name, prefix, ylabel in panels:
-        data = series(prefix)
-        if not data:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, pts in data.items():
-            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 30 else None)
-        if switch is not None:
-            ax.axvline(switch, color="gray", ls=":", label="compaction")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "plots", f"{name}.png"), dpi=110)
-        plt.close(fig)
-    pts = [(r["iter"], r["expected_sparsity"], r["target_sparsity"]) for r in rows if "expected_sparsity" in r]
-    if pts:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        it, e, t = zip(*pts)
-        ax.plot(it, e, label="expected")
-        ax.plot(it, t, label="target (warm-up schedule)", ls="--")
-        ax.set_xlabel("step")
-        ax.set_ylabel("sparsity of the prunable weights")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "plots", "sparsity.png"), dpi=110)
-        plt.close(fig)
+def export(run: Run, mcfg: ModelConfig, sd: dict, name: str):
+    model = Transformer.from_state_dict(mcfg, {k: v.float() for k, v in sd.items()})
+    out = run.dir.file(name)
+    convert.export_hf(model, out, tokenizer_src=run.src_path, dtype=getattr(torch, run.cfg.export_dtype), force=True)
+    run.log(f"exported {out} ({report.describe(mcfg)})")
 
 
 # -----------------------------------------------------------------------------
-# evaluation and the end-of-run report: python train.py eval MODEL ... / python train.py report RUN_DIR
-
-def load_model(path: str) -> Transformer:
-    """An HF directory, cached hub id, .gguf, or a run directory (its hf/, else its latest checkpoint)."""
-    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "done.json")):
-        if os.path.isfile(os.path.join(path, "hf", "config.json")):
-            path = os.path.join(path, "hf")
-        else:
-            cfg, sd, _ = convert.load_run(path)
-            return Transformer.from_state_dict(cfg, sd)
-    return Transformer.from_pretrained(path)
-
-
-def loss_table(domains, rows) -> str:
-    """rows: (name, params, per-domain losses) -> a table of loss (perplexity) with the mean and worst domain."""
-    w = max(12, *(len(r[0]) for r in rows))
-    head = f"{'model':<{w}} {'params':>8} " + " ".join(f"{d[:15]:>15}" for d in domains) + f" {'mean':>15} {'worst':>15}"
-    lines = [head, "-" * len(head)]
-    for name, params, losses in rows:
-        cells = [f"{v:.3f} ({math.exp(v):.1f})" for v in losses]
-        worst = int(np.argmax(losses))
-        lines.append(f"{name:<{w}} {params / 1e6:>7.2f}M " + " ".join(f"{c:>15}" for c in cells) +
-                     f" {np.mean(losses):>15.3f} {domains[worst][:9] + f' {losses[worst]:.3f}':>15}")
-    return "\n".join(lines) + "\n(validation loss in nats/token, perplexity in brackets)"
-
-
-def eval_main(argv) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="train.py eval", description="Per-domain validation loss and perplexity of "
-                                 "models (HF directory, hub id, .gguf, or run directory) on a prepared dataset.")
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--data_dir", default="data/demo")
-    ap.add_argument("--seq_len", type=int, default=128)
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=8, help="per domain")
-    args = ap.parse_args(argv)
-    try:
-        bins = DomainBins(args.data_dir)
-        rows = []
-        for path in args.models:
-            model = load_model(path)
-            bins.check_compatible(model.config.vocab_size)
-            rows.append((path, sum(p.numel() for p in model.parameters()),
-                         evaluate(model, bins, args.seq_len, args.batch_size, args.batches)))
-    except (ValueError, OSError, convert.ConvertError) as e:
-        print(f"train.py eval: error: {e}", file=sys.stderr)
-        return 1
-    print(loss_table(bins.domains, rows))
-    return 0
-
-
-def report_main(argv) -> int:
-    """What a run did: the source, the pruned and the final model on the same validation batches, the domain
-    weights, the time per stage, and a greedy completion from the exported model loaded with transformers."""
-    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "config.json")):
-        print("usage: python train.py report RUN_DIR (a train.py out_dir)", file=sys.stderr)
-        return 2
-    run = argv[0]
-    with open(os.path.join(run, "config.json")) as f:
-        c = TrainConfig(**json.load(f))
-    bins = DomainBins(c.data_dir)
-    seq_len = c.cpt_seq_len if c.cpt_steps else c.prune_seq_len
-    rows = []
-    for name, path in (("source", resolve_init(c.init_from)), ("pruned", os.path.join(run, "pruned")),
-                       ("final", os.path.join(run, "hf"))):
-        if name == "pruned" and (not c.prune_steps or not c.cpt_steps) or not os.path.exists(path):
-            continue
-        model = load_model(path)
-        rows.append((name, sum(p.numel() for p in model.parameters()),
-                     evaluate(model, bins, seq_len, c.eval_batch_size, c.eval_batches)))
-    print(f"\n{run}: {c.eval_batches} x {c.eval_batch_size} sequences of {seq_len} tokens per domain")
-    print(loss_table(bins.domains, rows))
-    metrics = read_metrics(run)
-    for stage in STAGES:
-        w = [r for r in metrics if r["stage"] == stage and "weight/" + bins.domains[0] in r]
-        if w:
-            print(f"{stage} domain weights, first -> last evaluation: " + ", ".join(
-                f"{d} {w[0]['weight/' + d]:.3f} -> {w[-1]['weight/' + d]:.3f}" for d in bins.domains))
-    for r in metrics:
-        if "stage_seconds" in r:
-            extra = (f"; gates at compaction: expected sparsity {r['compaction_expected_sparsity']:.3f} vs target "
-                     f"{r['compaction_final_sparsity']:.3f}" if "compaction_expected_sparsity" in r else "")
-            print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
-                  f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
-    hf = os.path.join(run, "hf")
-    if os.path.isfile(os.path.join(hf, "tokenizer.json")) or os.path.isfile(os.path.join(hf, "tokenizer.model")):
-        import transformers
-        tok = transformers.AutoTokenizer.from_pretrained(hf)
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-        prompt = "The GNU General Public License is"
-        ids = tok(prompt, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-        print(f"greedy completion by {hf} (transformers): {tok.decode(out[0], skip_special_tokens=True)!r}")
-    return 0
-
-
-def lock_out_dir(out_dir: str, master: bool):
-    """An exclusive lock on out_dir/.lock for the whole run, so that two runs never write one out_dir. flock: the
-    OS releases it when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open
-    file (keep it) on rank 0; every rank raises if another process holds it."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"out_dir={out_dir} exists and is not a directory; choose another out_dir")
-    held = f = None
-    if master:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            f = open(os.path.join(out_dir, ".lock"), "a+")
-        except OSError as e:
-            raise ConfigError(f"cannot write in out_dir={out_dir} ({e.strerror}); choose a writable out_dir") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-        except BlockingIOError:
-            f.seek(0)
-            held = f.read().strip() or "?"
-            f.close()
-    held = broadcast_object(held)
-    if held is not None:
-        raise ConfigError(f"{out_dir} is in use by another train.py run (pid {held}); wait for it to finish, or "
-                          "use another out_dir")
-    return f
-
-
-def prepare_out_dir(cfg: TrainConfig, master: bool, log=print) -> str:
-    """'run' | 'done'. An out_dir holding a run with another config is refused, listing the keys that differ,
-    unless they are in allow_changes (resume with them changed) or overwrite (start over)."""
-    path = os.path.join(cfg.out_dir, "config.json")
-    status = "run"
-    if os.path.isfile(path):
-        started = os.path.isfile(os.path.join(cfg.out_dir, "done.json")) or convert.checkpoints(cfg.out_dir)
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except ValueError:
-            old = None
-        if not isinstance(old, dict):
-            if started and not cfg.overwrite:
-                raise ConfigError(f"{path} is corrupted; restore it, or pass --overwrite=true to start the run in "
-                                  f"{cfg.out_dir} over")
-            old = {"config.json": "corrupted"}  # differs from any config
-        mine = asdict(cfg)
-        allowed = {k.strip() for k in cfg.allow_changes.split(",") if k.strip()}
-        diff = sorted(k for k in set(old) | set(mine) if k not in RESUMABLE and old.get(k) != mine.get(k))
-        if diff and not started:  # an attempt that failed before its first checkpoint: nothing to protect or resume
-            diff = []
-        if diff and not cfg.overwrite:
-            if set(diff) - allowed:
-                refused = [k for k in diff if k not in allowed]
-                raise ConfigError(f"{cfg.out_dir} holds a run with another config ({', '.join(refused)} differ); use "
-                                  f"another out_dir, --allow_changes={','.join(refused)} to resume it with the new "
-                                  "values, or --overwrite=true to start it over")
-            fixed = [k for k in diff if k in FIXED_ON_RESUME]
-            if fixed:
-                raise ConfigError(f"{', '.join(fixed)} cannot change when resuming {cfg.out_dir} (its checkpoints' "
-                                  "data order and shapes depend on them); use another out_dir, or --overwrite=true")
-            log(f"resuming {cfg.out_dir} with a changed config: " + ", ".join(
-                f"{k} {old.get(k)!r} -> {mine.get(k)!r}" for k in diff))
-        elif diff:  # overwrite: start over
-            if master:
-                for name in ("checkpoints", "pruned", "hf", "plots", "metrics.jsonl", "masks.pt", "done.json"):
-                    p = os.path.join(cfg.out_dir, name)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.remove(p)
-        elif os.path.isfile(os.path.join(cfg.out_dir, "done.json")):
-            status = "done"
-    barrier()
-    if master and status != "done":
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        text = json.dumps(asdict(cfg), indent=1).encode()
-        _write_durably(path, lambda f: f.write(text), atomic=True)
-    return status
-
+# main: the config, the run directory (lock, resume or refuse), the loop, one line per failure
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:
-        return eval_main(argv[1:])
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
+    if argv[:1] in (["eval"], ["report"]):
+        return report.main(argv)
     # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-    lock = old_sigterm = None
+    cfg = run = old_sigterm = None
     try:
         cfg = load_config(argv)
         run = Run(cfg)
-        lock = lock_out_dir(cfg.out_dir, run.master)  # held until the run ends
+        run.dir.lock(run.master)  # held until the run ends
 
         def on_sigterm(signum, frame):
             run.sigterm = True
         if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
             old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-        if prepare_out_dir(cfg, run.master, run.log) == "done":
+        if run.dir.prepare(asdict(cfg), RESUMABLE, FIXED_ON_RESUME, run.master, run.log) == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
-        ckpt = find_resume(cfg.out_dir, run.rank, run.world, run.log)
-        if run.master and ckpt is not None:
-            st = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", weights_only=False)
-            truncate_metrics(cfg.out_dir, st["stage"], st["step"])
-        elif run.master and os.path.exists(run.metrics_path):  # starting (over): no earlier lines belong to it
-            os.remove(run.metrics_path)
+        ckpt = run.dir.find_resume(run.rank, run.world, run.log)
+        if run.master:  # the lines written after the checkpoint go (they will be written again)
+            st = checkpoint.read_state(ckpt) if ckpt is not None else {"stage": None, "step": 0}
+            run.dir.truncate_metrics(st["stage"], st["step"])
         barrier()
-        run.main(ckpt)
+        train(run, ckpt)
         barrier()  # leave together: a rank tearing gloo down while another still talks to it can abort
     except StopRun as e:
         run.log(str(e))
         barrier()
         return e.code
-    except (ConfigError, convert.ConvertError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, RunDirError, convert.ConvertError, CheckpointError, FileNotFoundError,
+            FloatingPointError) as e:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2 if isinstance(e, (ConfigError, RunDirError)) else 1
     except KeyboardInterrupt:  # Ctrl-C: a save in progress is left as .tmp-*, never taken for a checkpoint
         if not dist.is_initialized() or dist.get_rank() == 0:
-            have = [os.path.basename(p) for p in convert.checkpoints(cfg.out_dir)] if "cfg" in locals() else []
-            print("train.py: interrupted" + (f"; checkpoint {have[-1]} is intact: run the same command again to "
-                                             "resume from it" if have else ""), file=sys.stderr)
+            have = RunDir(cfg.out_dir).newest() if cfg else None
+            print("train.py: interrupted" + (f"; checkpoint {have} is intact: run the same command again to resume "
+                                             "from it" if have else ""), file=sys.stderr)
         return 130
     except OSError as e:  # writing metrics, plots or an export (a full disk): the checkpoints are intact
         if not dist.is_initialized() or dist.get_rank() == 0:
-            have = [os.path.basename(p) for p in convert.checkpoints(cfg.out_dir)] if "cfg" in locals() else []
-            print(f"train.py: error: {_error_text(e)}" + (f"; the checkpoints in {cfg.out_dir}/checkpoints are "
-                  "intact: fix that and run the same command again to resume" if have else ""), file=sys.stderr)
+            have = RunDir(cfg.out_dir).newest() if cfg else None
+            print(f"train.py: error: {checkpoint.error_text(e)}" + (
+                f"; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix that and run the same command again "
+                "to resume" if have else ""), file=sys.stderr)
         return 1
     finally:
-        if lock is not None:  # released now, not when a traceback holding this frame is collected
-            lock.close()
+        if run is not None:  # released now, not when a traceback holding this frame is collected
+            run.dir.unlock()
         if old_sigterm is not None:  # in-process callers (tests, notebooks) get their handler back
             signal.signal(signal.SIGTERM, old_sigterm)
         if dist.is_initialized():

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/data.py must not shadow data.py
 import model as model_py  # noqa: E402
 from l0 import L0Module, TargetShape, mask_generator  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
+from report import PEAK_FLOPS  # noqa: E402
 from speed import SHAPES, TARGETS, pruned_config  # noqa: E402
-from train import PEAK_FLOPS  # noqa: E402
 
 
 def sdpa_backend(backend):

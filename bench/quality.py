@@ -38,7 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import convert  # noqa: E402
+import report  # noqa: E402
+from checkpoint import RunDir  # noqa: E402
 from data import DomainBins  # noqa: E402
 
 
@@ -73,9 +75,9 @@ def train_run(args, method: str, options: list[str], seed: int) -> Path:
 
 
 def score(bins, path, args) -> list[float]:
-    model = train.load_model(str(path))
+    model = convert.load_model(str(path))
     bins.check_compatible(model.config.vocab_size)
-    return [float(x) for x in train.evaluate(model, bins, args.seq_len, args.batch_size, args.batches)]
+    return [float(x) for x in report.evaluate(model, bins, args.seq_len, args.batch_size, args.batches)]
 
 
 def summarize(losses) -> dict:
@@ -140,7 +142,7 @@ def main():
     for seed in seeds:  # seed-major, so that a partial sweep already compares every method
         for method in methods:
             d = train_run(args, method, variants[method], seed)
-            metrics = train.read_metrics(str(d))
+            metrics = RunDir(str(d)).read_metrics()
             end = [r for r in metrics if "stage_seconds" in r]
             weights = {st: [r for r in metrics if r["stage"] == st and f"weight/{bins.domains[0]}" in r]
                        for st in ("prune", "cpt")}
@@ -204,7 +206,7 @@ def cpt_curve(d: Path, domains) -> list:
     cfg = json.loads((d / "config.json").read_text())
     per_step = cfg["cpt_batch_size"] * cfg["cpt_seq_len"]
     return [(r["step"] * per_step, float(np.mean([r[f"val/{n}"] for n in domains])))
-            for r in train.read_metrics(str(d)) if r["stage"] == "cpt" and f"val/{domains[0]}" in r]
+            for r in RunDir(str(d)).read_metrics() if r["stage"] == "cpt" and f"val/{domains[0]}" in r]
 
 
 def markdown(res, base_name) -> str:

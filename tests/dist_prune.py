@@ -13,14 +13,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import convert  # noqa: E402
 from l0 import L0Module, TargetShape, mask_generator  # noqa: E402
-from model import Transformer, prune_state_dict  # noqa: E402
+from model import prune_state_dict  # noqa: E402
 
 STEPS, BATCH, MICRO, SEQ = 3, 4, 1, 12  # global batch 4 rows, micro-batches of 1 row
 
 
 def train_and_prune(src: str, rank: int = 0, world: int = 1) -> dict:
-    model = Transformer.from_pretrained(src)
+    model = convert.load_model(src)
     cfg = model.config
     target = TargetShape(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
                          intermediate_size=40)

@@ -26,7 +26,9 @@ from safetensors.torch import load_file
 from test_data import make_tokenizer, run_prepare, write_sources
 
 import convert
+import report
 import train
+from checkpoint import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -222,7 +224,7 @@ def test_ctrl_c_keeps_the_checkpoints(setup, stopped, tmp_path, monkeypatch, cap
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "evaluate", interrupted)  # Ctrl-C at the first evaluation after resuming
+    monkeypatch.setattr(report, "evaluate", interrupted)  # Ctrl-C at the first evaluation after resuming
     assert train.main(base + [f"--out_dir={run}"]) == 130
     one_line(capsys.readouterr().err, "train.py: interrupted; checkpoint 0-prune-00000004 is intact",
              "run the same command again")
@@ -264,7 +266,7 @@ def test_allowed_change_resumes_with_the_new_value(setup, stopped, tmp_path, cap
     out = capsys.readouterr().out
     assert "with a changed config: cpt_lr 0.001 -> 0.0005" in out and "resumed prune at step 4" in out
     assert json.loads((run / "config.json").read_text())["cpt_lr"] == 5e-4
-    rows = [r for r in train.read_metrics(run) if r["stage"] == "cpt" and "lr" in r]
+    rows = [r for r in RunDir(run).read_metrics() if r["stage"] == "cpt" and "lr" in r]
     assert rows[0]["lr"] == pytest.approx(5e-4)  # cpt_warmup 0.25 of 4 steps: step 1 is at the peak
 
 
@@ -381,8 +383,8 @@ def test_sigkill_during_a_checkpoint_write(setup, stopped, tmp_path):
     shutil.copytree(stopped, run)
     code = ("import os, signal, sys, torch, train\n"
             "save = torch.save\n"
-            "def killed(obj, f, *a, **k):\n"
-            "    if isinstance(obj, dict) and (obj.get('stage'), obj.get('step')) == ('cpt', 2):\n"
+            "def killed(obj, f, *a, **k):  # the loop state of checkpoint cpt 2, its last file before the manifest\n"
+            "    if '.tmp-1-cpt-00000002' in str(getattr(f, 'name', '')):\n"
             "        save(obj, f, *a, **k); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
             "    save(obj, f, *a, **k)\n"
             "torch.save = killed\n"
@@ -391,7 +393,7 @@ def test_sigkill_during_a_checkpoint_write(setup, stopped, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert (run / "checkpoints" / ".tmp-1-cpt-00000002" / "state.pt").exists()  # half a checkpoint on disk
-    assert [os.path.basename(p) for p in convert.checkpoints(run)] == ["1-cpt-00000000", "1-cpt-00000001"]
+    assert [os.path.basename(p) for p in RunDir(run).checkpoints()] == ["1-cpt-00000000", "1-cpt-00000001"]
     r = train_cli(base, run)
     assert r.returncode == 0 and "resumed cpt at step 1" in r.stdout, r.stderr[-2000:]
     assert not list((run / "checkpoints").glob(".tmp-*"))
@@ -423,7 +425,7 @@ def test_every_checkpoint_damaged(setup, stopped, tmp_path, capsys):
     root, base, ref = setup
     run = tmp_path / "run"
     shutil.copytree(stopped, run)
-    for ckpt in convert.checkpoints(run):
+    for ckpt in RunDir(run).checkpoints():
         flip_byte(Path(ckpt) / "__0_0.distcp", 500)
     assert train.main(base + [f"--out_dir={run}"]) == 1
     one_line(capsys.readouterr().err, "no undamaged checkpoint", "0-prune-00000002: __0_0.distcp does not match its "
@@ -455,7 +457,7 @@ def test_killed_at_random_moments_ends_with_the_same_weights(setup, tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     same_weights(ref, run)
-    assert train.read_metrics(run)[-1]["stage"] == "cpt"
+    assert RunDir(run).read_metrics()[-1]["stage"] == "cpt"
 
 
 # -----------------------------------------------------------------------------
@@ -476,7 +478,7 @@ def test_convert_run_with_a_damaged_latest_checkpoint(setup, stopped, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "0-prune-00000004 is damaged" in r.stderr and (tmp_path / "out" / "config.json").exists()
     assert tree(run) == before  # convert reads a run, never changes it (it may be running)
-    for ckpt in convert.checkpoints(run):
+    for ckpt in RunDir(run).checkpoints():
         flip_byte(Path(ckpt) / "__0_0.distcp", 100)
     r = convert_cli("to-hf", run, tmp_path / "out2")
     assert r.returncode == 1 and "holds no complete, undamaged checkpoint" in r.stderr.splitlines()[-1]
@@ -593,13 +595,13 @@ def test_sigterm_saves_and_resumes(setup, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *base, f"--out_dir={run}", "--save_interval=100"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not any(r.get("step", 0) >= 2 for r in train.read_metrics(run)) and time.time() < deadline:
+    while not any(r.get("step", 0) >= 2 for r in RunDir(run).read_metrics()) and time.time() < deadline:
         time.sleep(0.01)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
     assert "terminated (SIGTERM) at step" in out and "run the same command again" in out
-    ckpts = [os.path.basename(c) for c in convert.checkpoints(run)]
+    ckpts = [os.path.basename(c) for c in RunDir(run).checkpoints()]
     assert len(ckpts) == 1 and ckpts[0].startswith("0-prune-")  # saved where it stopped, not at save_interval
     r = train_cli(base, run, "--save_interval=100")
     assert r.returncode == 0 and f"resumed prune at step {int(ckpts[0].split('-')[-1])}" in r.stdout, r.stderr[-2000:]

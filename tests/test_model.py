@@ -26,7 +26,7 @@ def tokens(vocab, B=2, T=17, seed=0):
 
 def test_logits_and_loss_match_hf(family, tmp_path):
     hf = make_hf(family, tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    ours = convert.load_model(str(tmp_path)).eval()
     idx = tokens(hf.config.vocab_size)
     with torch.no_grad():
         out = hf(input_ids=idx, labels=idx)
@@ -82,7 +82,7 @@ def test_unnamed_configs(seed, tmp_path):
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path))
+    ours = convert.load_model(str(tmp_path))
     idx = tokens(cfg.vocab_size, T=40, seed=seed)
     with torch.no_grad():
         assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
@@ -112,25 +112,25 @@ def test_legacy_config_fields():
 
 def test_sharded_safetensors_and_bin(tmp_path):
     hf = make_hf("llama", tmp_path / "src")
-    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    ours = convert.load_model(str(tmp_path / "src"))
     convert.export_hf(ours, str(tmp_path / "sharded"), tokenizer_src=str(tmp_path / "src"), max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 2
     idx = tokens(256)
     with torch.no_grad():
-        torch.testing.assert_close(Transformer.from_pretrained(str(tmp_path / "sharded"))(idx), hf(idx).logits)
+        torch.testing.assert_close(convert.load_model(str(tmp_path / "sharded"))(idx), hf(idx).logits)
     # pytorch_model.bin checkpoints (older repos)
     (tmp_path / "bin").mkdir(exist_ok=True)
     torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
     with torch.no_grad():
-        torch.testing.assert_close(Transformer.from_pretrained(str(tmp_path / "bin"))(idx), hf(idx).logits)
+        torch.testing.assert_close(convert.load_model(str(tmp_path / "bin"))(idx), hf(idx).logits)
 
 
 def test_export_file_modes(tmp_path):
     # the export's files get the modes any new file gets (safetensors alone would write 0600)
     hf = make_hf("llama", tmp_path / "src")
-    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    ours = convert.load_model(str(tmp_path / "src"))
     old = os.umask(0o022)
     try:
         convert.export_hf(ours, str(tmp_path / "out"))
@@ -144,7 +144,7 @@ def test_export_file_modes(tmp_path):
 
 def test_export_refuses_to_overwrite(tmp_path):
     make_hf("qwen2", tmp_path / "src")
-    ours = Transformer.from_pretrained(str(tmp_path / "src"))
+    ours = convert.load_model(str(tmp_path / "src"))
     convert.export_hf(ours, str(tmp_path / "out"))
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     with pytest.raises(convert.ConvertError, match="--force"):
@@ -229,7 +229,7 @@ def test_hub_id_from_local_cache(tmp_path):
     hf = make_hf("llama_gqa", snap)
     (tmp_path / "hub" / "models--tiny--llama" / "refs").mkdir()
     (tmp_path / "hub" / "models--tiny--llama" / "refs" / "main").write_text("a" * 40)
-    code = ("import sys, torch; from model import Transformer; m = Transformer.from_pretrained('tiny/llama'); "
+    code = ("import sys, torch, convert; m = convert.load_model('tiny/llama'); "
             "torch.save(m(torch.arange(10)[None]), sys.argv[1])")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "y.pt")], check=True, cwd=ROOT, env=env)
@@ -295,7 +295,7 @@ def test_gguf(family, tmp_path):
     import numpy as np
     hf = make_hf(family, tmp_path / "src")
     write_gguf(hf, tmp_path / "m.gguf")
-    ours = Transformer.from_pretrained(str(tmp_path / "m.gguf"))
+    ours = convert.load_model(str(tmp_path / "m.gguf"))
     assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
     idx = tokens(hf.config.vocab_size)
     with torch.no_grad():
@@ -325,7 +325,7 @@ def test_cross_entropy_matches_full_logits(monkeypatch, tmp_path):
         assert torch.autograd.gradcheck(lambda h, w: model_py.LinearCrossEntropy.apply(h, w, t, chunk), (h, w))
 
     hf = make_hf("qwen2_untied", tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path))
+    ours = convert.load_model(str(tmp_path))
     idx = tokens(hf.config.vocab_size, B=3, T=21)
     x, y = idx[:, :-1], idx[:, 1:].clone()
     y[1, :4] = -100
@@ -397,8 +397,8 @@ def test_distillation_loss(monkeypatch, tmp_path):
     import model as model_py
     make_hf("llama_gqa", tmp_path / "s")
     make_hf("llama_gqa", tmp_path / "t", seed=1)
-    student = Transformer.from_pretrained(str(tmp_path / "s"))
-    teacher = Transformer.from_pretrained(str(tmp_path / "t"))
+    student = convert.load_model(str(tmp_path / "s"))
+    teacher = convert.load_model(str(tmp_path / "t"))
     teacher.requires_grad_(False)
     idx = tokens(256, B=2, T=17)
     x, y = idx[:, :-1], idx[:, 1:].clone()

@@ -17,8 +17,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import convert
+import report
 import train
-from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_end_to_end(setup, capsys):
             c.intermediate_size) == (24, 2, 3, 1, 40)
     idx = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf.eval()(idx).logits, Transformer.from_pretrained(str(ref / "hf"))(idx),
+        torch.testing.assert_close(hf.eval()(idx).logits, convert.load_model(str(ref / "hf"))(idx),
                                    atol=1e-5, rtol=1e-5)
     pruned = transformers.AutoConfig.from_pretrained(ref / "pruned")
     assert (pruned.hidden_size, pruned.num_hidden_layers, pruned.num_key_value_heads) == (24, 2, 1)
@@ -176,8 +177,8 @@ def test_reference_loss_from_the_teacher_is_its_validation_loss(setup, tmp_path)
     out = tmp_path / "run"
     assert train.main(base + [f"--out_dir={out}", "--prune_steps=0", "--cpt_steps=2", "--reference_loss=teacher"]) == 0
     first = next(r for r in metrics(out) if "reference_loss/easy" in r)
-    teacher = Transformer.from_pretrained(str(root / "model"))  # init_from: the source model
-    measured = train.evaluate(teacher, DomainBins(root / "data"), 32, 4, 2)  # tiny.py's cpt_seq_len, eval batches
+    teacher = convert.load_model(str(root / "model"))  # init_from: the source model
+    measured = report.evaluate(teacher, DomainBins(root / "data"), 32, 4, 2)  # tiny.py's cpt_seq_len, eval batches
     assert [first[f"reference_loss/{d}"] for d in ("easy", "mid", "hard")] == pytest.approx(measured, abs=1e-9)
 
 
