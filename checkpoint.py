@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -310,10 +311,10 @@ class RunDir:
 
     def checkpoints(self) -> list[str]:
         """The checkpoint directories, oldest first (hidden ones are unfinished saves or set aside as damaged)."""
-        names = sorted(d for d in os.listdir(self.root) if not d.startswith(".") and (
-            os.path.isfile(os.path.join(self.root, d, MANIFEST)) or os.path.isfile(os.path.join(self.root, d, "state.pt")))
-        ) if os.path.isdir(self.root) else []
-        return [os.path.join(self.root, d) for d in names]
+        if not os.path.isdir(self.root):
+            return []
+        whole = lambda d: any(os.path.isfile(os.path.join(self.root, d, f)) for f in (MANIFEST, "state.pt"))  # noqa
+        return [os.path.join(self.root, d) for d in sorted(os.listdir(self.root)) if not d.startswith(".") and whole(d)]
 
     def newest(self) -> str | None:
         """The newest checkpoint's name, for messages that say what a rerun resumes from."""
@@ -425,6 +426,15 @@ def load(ckpt: str, model, optimizer) -> dict:
     dcp.load(sd, checkpoint_id=ckpt)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return read_state(ckpt)
+
+
+def save_masks(run: RunDir, l0: L0Module, masks: dict):
+    """masks.pt: the masks compaction used, the gates' log_alpha, the lambdas, the target and the source's shape."""
+    obj = dict(masks={k: v.cpu() for k, v in masks.items()},
+               log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
+               lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
+               source_config=asdict(l0.cfg))
+    write_durably(run.file("masks.pt"), lambda f: torch.save(obj, f), atomic=True)
 
 
 def load_run(path: str) -> tuple[ModelConfig, dict, str]:

@@ -81,6 +81,9 @@ class TargetShape:
                 raise ValueError("give either target_params or the target_* shape fields, not both")
             return cls.from_budget(src, target_params)
         nkv = target_num_key_value_heads or src.num_key_value_heads
+        if not 1 <= nkv <= src.num_key_value_heads:  # query heads follow from it: name the field the user set
+            raise ValueError(f"target_num_key_value_heads={nkv} must be in [1, {src.num_key_value_heads}] (the "
+                             "source model's)")
         return cls(hidden_size=target_hidden_size or src.hidden_size,
                    num_hidden_layers=target_num_hidden_layers or src.num_hidden_layers,
                    num_attention_heads=nkv * (src.num_attention_heads // src.num_key_value_heads),

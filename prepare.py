@@ -285,7 +285,7 @@ def load_demo_file(path: str) -> str:
 
 
 def demo_docs(files, threads):
-    """Documents of demo files loaded on a thread pool (rendering a man page takes ~40 ms of subprocesses),
+    """Documents of demo files loaded on a thread pool (rendering a man page waits on subprocesses),
     in order, without duplicate contents (many packages ship identical copyright files and changelogs)."""
     seen = set()
     with cf.ThreadPoolExecutor(threads) as ex:

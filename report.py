@@ -69,7 +69,8 @@ def describe(m) -> str:
 def loss_table(domains, rows) -> str:
     """rows: (name, params, per-domain losses) -> a table of loss (perplexity) with the mean and worst domain."""
     w = max(12, *(len(r[0]) for r in rows))
-    head = f"{'model':<{w}} {'params':>8} " + " ".join(f"{d[:15]:>15}" for d in domains) + f" {'mean':>15} {'worst':>15}"
+    head = (f"{'model':<{w}} {'params':>8} " + " ".join(f"{d[:15]:>15}" for d in domains) +
+            f" {'mean':>15} {'worst':>15}")
     lines = [head, "-" * len(head)]
     for name, params, losses in rows:
         cells = [f"{v:.3f} ({math.exp(v):.1f})" for v in losses]

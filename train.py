@@ -180,36 +180,29 @@ FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_le
 
 
 def _coerce(name: str, value, typ: str, from_cli: bool):
-    """A config value as the field's type ("numbers": {domain: number} or a list; "numbers|str" also a word); CLI
-    values arrive as strings."""
+    """A config value as the field's type ("numbers": {domain: number} or a list; "numbers|str" also a word, which
+    TrainConfig checks); values from the command line arrive as strings."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     words = typ == "numbers|str"
-    if from_cli and isinstance(value, str):
-        if typ == "bool":
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ConfigError(f"--{name}={value}: expected true or false")
-            return value.lower() in ("1", "true", "yes")
-        if typ in ("int", "float"):
-            try:
+    if from_cli and isinstance(value, str) and typ != "str":
+        try:
+            if typ == "bool":
+                return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[value.lower()]
+            if typ in ("int", "float"):
                 return int(value) if typ == "int" else float(value)
-            except ValueError:
-                raise ConfigError(f"--{name}={value}: expected a number ({typ})") from None
-        if typ.startswith("numbers"):
             if value.lower() in ("", "none"):
                 return None
-            if words and value.isidentifier():
-                return value  # which words are allowed: TrainConfig.__post_init__
-            try:
+            if not (words and value.isidentifier()):
                 value = ast.literal_eval(value if value.lstrip()[:1] in "[{" else f"[{value}]")
-            except (ValueError, SyntaxError):
-                raise ConfigError(f"--{name}={value}: expected comma-separated numbers or {{name: number}}") from None
+        except (KeyError, ValueError, SyntaxError):
+            expected = {"bool": "true or false", "int": "a number (int)", "float": "a number (float)"}
+            raise ConfigError(f"--{name}={value}: expected " +
+                              expected.get(typ, "comma-separated numbers or {name: number}")) from None
     if typ == "bool" and isinstance(value, bool) or typ == "str" and isinstance(value, str):
         return value
-    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if typ in ("int", "float") and num(value) and (typ == "float" or isinstance(value, int)):
+        return value if typ == "int" else float(value)
     if typ.startswith("numbers"):
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         if value is None or words and isinstance(value, str):
             return value
         if isinstance(value, dict) and all(isinstance(k, str) and num(v) for k, v in value.items()):
@@ -397,15 +390,16 @@ class Run:
         self.dir = RunDir(cfg.out_dir)
         try:
             self.bins = DomainBins(cfg.data_dir)
+            p = self.bins.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
+            self.reference_loss = (None if cfg.teacher_reference else
+                                   self.bins.per_domain("reference_loss", cfg.reference_loss))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.domains = self.bins.domains
-        p = self.per_domain("domain_proportions", cfg.domain_proportions) or [len(t) for t in self.bins.train]
         if cfg.domain_proportions is not None and (min(p) < 0 or abs(sum(p) - 1) > 1e-3):
             raise ConfigError(f"domain_proportions={cfg.domain_proportions} must be >= 0 and sum to 1 (they sum to "
                               f"{sum(p):.6g}); they are the initial share of each domain in the training mixture")
         self.p0 = np.asarray(p, dtype=np.float64) / np.sum(p)
-        self.reference_loss = None if cfg.teacher_reference else self.per_domain("reference_loss", cfg.reference_loss)
         if self.reference_loss is not None and not all(0 < v < math.inf for v in self.reference_loss):
             raise ConfigError(f"reference_loss={cfg.reference_loss}: every value must be a positive finite loss "
                               "(nats/token)")
@@ -431,20 +425,6 @@ class Run:
         self.src_path = None  # the source model (its tokenizer goes with every export)
         self.wandb = None
         self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
-
-    def per_domain(self, name, value) -> list | None:
-        """A {domain: value} dict or a list in the data's domain order -> a list in the data's domain order."""
-        if value is None:
-            return None
-        if isinstance(value, dict):
-            if set(value) != set(self.domains):
-                raise ConfigError(f"{name} names {sorted(value)} but {self.cfg.data_dir} has the domains "
-                                  f"{self.domains}")
-            return [value[d] for d in self.domains]
-        if len(value) != len(self.domains):
-            raise ConfigError(f"{name} has {len(value)} values but {self.cfg.data_dir} has {len(self.domains)} "
-                              f"domains: need one value per domain of {self.domains}")
-        return list(value)
 
     def log(self, msg: str):
         if self.master:
@@ -498,10 +478,6 @@ class Run:
 
     def make_l0(self, mcfg: ModelConfig) -> L0Module:
         c = self.cfg
-        nkv = c.target_num_key_value_heads or mcfg.num_key_value_heads
-        if not 1 <= nkv <= mcfg.num_key_value_heads:  # query heads follow from it: name the field the user set
-            raise ConfigError(f"target_num_key_value_heads={nkv} must be in [1, {mcfg.num_key_value_heads}] "
-                              "(the source model's)")
         try:
             target = TargetShape.resolve(mcfg, **asdict(c))
             if c.target_params:
@@ -554,10 +530,6 @@ class Run:
             order = torch.argsort(ranks["layer"], descending=True)[:5].tolist()
             msg += f"; least important layers first: {order}"
         self.log(msg + "; log_alpha set by rank within each mask")
-
-    def nan_advice(self, stage: Stage) -> str:
-        return (f"The checkpoints in {self.cfg.out_dir}/checkpoints are intact: resume from the last one with a lower "
-                f"learning rate, e.g. --{stage.name}_lr={stage.lr / 2:g} --allow_changes={stage.name}_lr")
 
 
 # -----------------------------------------------------------------------------
@@ -674,16 +646,14 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
             return finish_stage(run, st, last_stage)
         if step % c.log_interval == 0 or step == first:
             t0 = time.perf_counter()  # evaluation and saving are not training
-        if c.stop_at and stage.offset + step >= c.stop_at:
+        stop = c.stop_at and stage.offset + step >= c.stop_at
+        if stop or st.terminated:  # (SIGTERM: a scheduler's warning before its SIGKILL) keep the steps since the save
             if st.saved != step:
                 save(run, st)
-            raise StopRun(f"stopped at step {stage.offset + step} (stop_at={c.stop_at}) with a checkpoint; run "
-                          "again without stop_at (or with a later one) to resume")
-        if st.terminated:  # a scheduler's SIGTERM before its SIGKILL: keep the steps done since the last save
-            if st.saved != step:
-                save(run, st)
-            raise StopRun(f"terminated (SIGTERM) at step {stage.offset + step}, with a checkpoint; run the same "
-                          "command again to resume", code=143)
+            raise StopRun(f"stopped at step {stage.offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
+                          "without stop_at (or with a later one) to resume") if stop else StopRun(
+                f"terminated (SIGTERM) at step {stage.offset + step}, with a checkpoint; run the same command again "
+                "to resume", code=143)
         t_step = time.perf_counter()
         row = train_step(run, st)
         st.step += 1
@@ -741,14 +711,14 @@ def train_step(run: Run, st: StageState) -> dict:
     kd_loss = float(kd_sum / counts.sum()) if st.kd else None
     if kd_loss is not None and not math.isfinite(kd_loss):
         loss = kd_loss
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{stage.name} step {step}: the training loss is {loss}; stopping. "
-                                 + run.nan_advice(stage))
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
     gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-    if not math.isfinite(gnorm):  # before the step: no NaN ever reaches the weights or a checkpoint
-        raise FloatingPointError(f"{stage.name} step {step}: the gradient norm is {gnorm}; stopping. "
-                                 + run.nan_advice(stage))
+    for what, v in (("training loss", loss), ("gradient norm", gnorm)):
+        if not math.isfinite(v):  # before the step: no NaN ever reaches the weights or a checkpoint
+            raise FloatingPointError(
+                f"{stage.name} step {step}: the {what} is {v}; stopping. The checkpoints in {c.out_dir}/checkpoints "
+                f"are intact: resume from the last one with a lower learning rate, e.g. --{stage.name}_lr="
+                f"{stage.lr / 2:g} --allow_changes={stage.name}_lr")
     for opt in st.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -759,18 +729,15 @@ def train_step(run: Run, st: StageState) -> dict:
 
 
 def log_step(run: Run, st: StageState, row: dict, tokens_per_s: float, write):
-    stage, step = st.stage, st.step
+    stage, step, l0 = st.stage, st.step, st.l0
     row = dict(stage=stage.name, step=step, iter=stage.offset + step, loss=row.pop("loss"), lr=row.pop("lr"),
-               grad_norm=row.pop("grad_norm"), tokens_per_s=tokens_per_s, **row)
-    msg = (f"{stage.name} {step}/{stage.steps} | loss {row['loss']:.4f}" +
-           (f" (distill {row['distill_loss']:.4f})" if st.kd else "") +
-           f" | lr {row['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
-    if st.l0 is not None:
-        row.update(st.l0.stats(step))
+               grad_norm=row.pop("grad_norm"), tokens_per_s=tokens_per_s, **row, **(l0.stats(step) if l0 else {}))
+    msg = (f"{stage.name} {step}/{stage.steps} | loss {row['loss']:.4f}" + (f" (distill {row['distill_loss']:.4f})"
+           if st.kd else "") + f" | lr {row['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
     if run.device.type == "cuda":
         row["mfu"] = report.mfu(st.model, tokens_per_s, run.world, stage.seq_len)
         msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
-    if st.l0 is not None:
+    if "expected_sparsity" in row:
         msg += (f" | sparsity {row['expected_sparsity']:.3f} -> {row['target_sparsity']:.3f}"
                 f" (final {row['final_sparsity']:.3f})")
     run.record(row)
@@ -781,8 +748,9 @@ def evaluate_and_update(run: Run, st: StageState, update: bool):
     """Per-domain validation losses (masks of the current expected size while pruning) -> the weighter's update
     (identical on every rank; rank 0's is broadcast anyway), metrics.jsonl, the plots."""
     stage, step, l0, weighter = st.stage, st.step, st.l0, st.weighter
-    val = run.evaluate(st.model, l0.expected_masks() if l0 is not None else None, stage.seq_len)
-    sparsity = {k: v for k, v in l0.stats(step).items() if "sparsity" in k} if l0 is not None else {}
+    masks, sparsity = ((l0.expected_masks(), {k: v for k, v in l0.stats(step).items() if "sparsity" in k})
+                       if l0 is not None else (None, {}))
+    val = run.evaluate(st.model, masks, stage.seq_len)
     if update:
         weighter.update(step, max_steps=stage.steps, val_losses=val,
                         expected_sparsity=sparsity.get("expected_sparsity"),
@@ -830,20 +798,12 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         masks = l0.deterministic_masks()
         if run.master:
             mcfg, sd = prune_state_dict(mcfg, sd, masks)
-            save_masks(run, l0, masks)
+            checkpoint.save_masks(run.dir, l0, masks)
             export(run, mcfg, sd, "pruned")
         mcfg = broadcast_object(mcfg)
     if last_stage and run.master:
         export(run, mcfg, sd, "hf")
     return mcfg, sd
-
-
-def save_masks(run: Run, l0: L0Module, masks: dict):
-    obj = dict(masks={k: v.cpu() for k, v in masks.items()},
-               log_alpha={m: z.log_alpha.detach().cpu() for m, z in l0.z.items()},
-               lambdas={k: float(v.detach()) for k, v in l0.lambdas.items()}, target=asdict(l0.target),
-               source_config=asdict(l0.cfg))
-    checkpoint.write_durably(run.dir.file("masks.pt"), lambda f: torch.save(obj, f), atomic=True)
 
 
 def export(run: Run, mcfg: ModelConfig, sd: dict, name: str):
@@ -888,22 +848,16 @@ def main(argv=None):
         return e.code
     except (ConfigError, RunDirError, convert.ConvertError, CheckpointError, FileNotFoundError,
             FloatingPointError) as e:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ConfigError, RunDirError)) else 1
+        return fail(f"error: {e}", 2 if isinstance(e, (ConfigError, RunDirError)) else 1)
     except KeyboardInterrupt:  # Ctrl-C: a save in progress is left as .tmp-*, never taken for a checkpoint
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            have = RunDir(cfg.out_dir).newest() if cfg else None
-            print("train.py: interrupted" + (f"; checkpoint {have} is intact: run the same command again to resume "
-                                             "from it" if have else ""), file=sys.stderr)
-        return 130
+        have = RunDir(cfg.out_dir).newest() if cfg else None
+        return fail("interrupted" + (f"; checkpoint {have} is intact: run the same command again to resume from it"
+                                     if have else ""), 130)
     except OSError as e:  # writing metrics, plots or an export (a full disk): the checkpoints are intact
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            have = RunDir(cfg.out_dir).newest() if cfg else None
-            print(f"train.py: error: {checkpoint.error_text(e)}" + (
-                f"; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix that and run the same command again "
-                "to resume" if have else ""), file=sys.stderr)
-        return 1
+        have = RunDir(cfg.out_dir).newest() if cfg else None
+        return fail(f"error: {checkpoint.error_text(e)}" + (
+            f"; the checkpoints in {cfg.out_dir}/checkpoints are intact: fix that and run the same command again to "
+            "resume" if have else ""), 1)
     finally:
         if run is not None:  # released now, not when a traceback holding this frame is collected
             run.dir.unlock()
@@ -912,6 +866,13 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def fail(msg: str, code: int) -> int:
+    """One line on stderr (from rank 0), and the exit status."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"train.py: {msg}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
