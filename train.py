@@ -646,14 +646,15 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
             return finish_stage(run, st, last_stage)
         if step % c.log_interval == 0 or step == first:
             t0 = time.perf_counter()  # evaluation and saving are not training
-        stop = c.stop_at and stage.offset + step >= c.stop_at
-        if stop or st.terminated:  # (SIGTERM: a scheduler's warning before its SIGKILL) keep the steps since the save
-            if st.saved != step:
+        stop, at = c.stop_at and stage.offset + step >= c.stop_at, stage.offset + step
+        if stop or st.terminated:  # SIGTERM: a scheduler's warning before its SIGKILL
+            if st.saved != step:  # keep the steps done since the last checkpoint
                 save(run, st)
-            raise StopRun(f"stopped at step {stage.offset + step} (stop_at={c.stop_at}) with a checkpoint; run again "
-                          "without stop_at (or with a later one) to resume") if stop else StopRun(
-                f"terminated (SIGTERM) at step {stage.offset + step}, with a checkpoint; run the same command again "
-                "to resume", code=143)
+            if stop:
+                raise StopRun(f"stopped at step {at} (stop_at={c.stop_at}) with a checkpoint; run again without "
+                              "stop_at (or with a later one) to resume")
+            raise StopRun(f"terminated (SIGTERM) at step {at}, with a checkpoint; run the same command again to "
+                          "resume", code=143)
         t_step = time.perf_counter()
         row = train_step(run, st)
         st.step += 1
