@@ -262,21 +262,14 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
 
 def load_model(path: str, dtype=torch.float32) -> Transformer:
     """Any model this project reads: a Hugging Face directory, a hub id (cached), a .gguf file, or a train.py run
-    directory (its final export hf/, else its latest checkpoint, compacted if the run is still pruning)."""
+    directory (its final export hf/, else its latest checkpoint, compacted if the run is still pruning). Raises
+    ConvertError, or CheckpointError for a run directory without a whole checkpoint."""
     if is_run_dir(path):
         if not os.path.isfile(os.path.join(path, "hf", "config.json")):
-            cfg, sd, _ = load_run_weights(path)
+            cfg, sd, _ = load_run(path)
             return Transformer.from_state_dict(cfg, {k: v.to(dtype) for k, v in sd.items()})
         path = os.path.join(path, "hf")
     return Transformer.from_state_dict(*load_hf(path, dtype=dtype))
-
-
-def load_run_weights(path: str) -> tuple[ModelConfig, dict, str]:
-    """checkpoint.load_run, its failures as ConvertError (one line for the CLIs)."""
-    try:
-        return load_run(path)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------
@@ -421,14 +414,14 @@ def main(argv=None):
         _parse_size(args.max_shard_size)
         dtype = getattr(torch, args.dtype or "float32")
         if is_run_dir(args.src):  # its latest checkpoint (hf/ is already a Hugging Face directory)
-            cfg, sd, path = load_run_weights(args.src)
+            cfg, sd, path = load_run(args.src)
             sd = {k: v.to(dtype) for k, v in sd.items()}
         else:
             path = resolve(args.src)
             cfg, sd = load_hf(path, dtype=dtype)
         model = Transformer.from_state_dict(cfg, sd)
         export_hf(model, args.out, tokenizer_src=path, max_shard_size=args.max_shard_size, force=args.force)
-    except (ConvertError, OSError) as e:
+    except (ConvertError, CheckpointError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # export_hf writes to a temporary directory: nothing partial is left

@@ -97,7 +97,7 @@ class TargetShape:
         beats depth pruning at equal size); only if s would fall below `min_width` does s stay at min_width and
         layers go instead. Rounding: groups to an integer, hidden to a multiple of lcm(query heads, 8) (GPT-NeoX:
         heads x head_dim), then the MLP width, to a multiple of 64 (or of what divides the source's), takes up
-        the rest of the budget. For LLaMA-2-7B this picks Sheared-LLaMA's 1.3b and 2.7b shapes (README)."""
+        the rest of the budget. For LLaMA-2-7B this picks Sheared-LLaMA's 1.3b and 2.7b shapes (docs/method.md)."""
         total = lambda shape: total_params(src, shape)  # noqa: E731
         source = total(cls.of(src))
         budget = params * source if params <= 1 else params

@@ -143,7 +143,7 @@ def eval_main(argv) -> int:
             bins.check_compatible(model.config.vocab_size)
             rows.append((path, sum(p.numel() for p in model.parameters()),
                          evaluate(model, bins, args.seq_len, args.batch_size, args.batches)))
-    except (ValueError, OSError, convert.ConvertError) as e:
+    except (ValueError, OSError, convert.ConvertError, CheckpointError) as e:
         print(f"train.py eval: error: {e}", file=sys.stderr)
         return 1
     print(loss_table(bins.domains, rows))

@@ -1,6 +1,6 @@
 # The demo: prune the embedded SmolLM2-135M (576 hidden, 30 layers, 9/3 heads, MLP 1536) on the demo corpus with
-# DRO data scheduling, compact it, continue pretraining, export: about 10 minutes on 2 CPU cores, in fp32 (on a
-# CPU without native bf16, bf16 is many times slower). The same config runs unchanged on a GPU (bf16 there).
+# DRO data scheduling, compact it, continue pretraining, export: minutes on 2 CPU cores (docs/results.md), in fp32
+# (on a CPU without native bf16, bf16 is many times slower). The same config runs unchanged on a GPU (bf16 there).
 #   make demo      (or: python train.py config/demo.py, then python train.py report out/demo)
 init_from = "models/smollm2-135m"
 data_dir = "data/demo"
@@ -30,8 +30,8 @@ prune_warmup = 0.1
 # The gates start saturated (log_alpha = ln 100), where the Lagrangian's pull on them is ~1e-3 of its value and the
 # data gradient dominates: the reference's lag_lr 1.0 over 3,200 steps lets lambda grow for hundreds of steps.
 # Here, 60 steps: lambda learns 4x faster than the gates, and the target ramps up over the first half, so the
-# expected size reaches the target before compaction: expected sparsity 0.570 against 0.514 in the measured run
-# (0.520 with constant domain weights). With lag_lr 0.2 for both it was 0.012 at step 16, against a target of 0.27.
+# expected size nears the target before compaction (docs/results.md: expected sparsity 0.553 against 0.514).
+# With lag_lr 0.2 for both it was 0.012 at step 16, against a target of 0.27.
 lag_lr = 0.5
 lambda_lr = 2.0
 lagrangian_warmup = 0.5
