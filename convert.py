@@ -379,7 +379,7 @@ def verify(path: str, atol: float) -> int:
         raise ConvertError("verify needs transformers: pip install transformers") from None
     if not os.path.isdir(path):
         raise ConvertError(f"no such model directory: {path}")
-    ours = load_model(path).eval()
+    ours = Transformer.from_state_dict(*load_hf(path)).eval()  # a Hugging Face directory, as transformers reads
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     idx = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

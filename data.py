@@ -29,8 +29,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
+# torch is imported where tensors are made, not here: prepare.py takes FORMAT and tokenizer_fingerprint from this
+# file, and each of its spawned tokenizer workers re-imports prepare.py, where torch would cost a second and
+# ~190 MB per worker for nothing
 FORMAT = 1  # the meta.json layout: prepare.py writes it, DomainBins checks it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define the id <-> text mapping
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class DomainBins:
                              f"{batch_size} x {T + 1}; lower the eval batch size or rerun prepare.py --val-tokens")
 
         def batches():
+            import torch
             for b in range(n):
                 lo = b * batch_size + rank * batch_size // world_size
                 hi = b * batch_size + (rank + 1) * batch_size // world_size
@@ -168,7 +171,7 @@ class MixtureSampler:
         self._perm = [None] * D       # current epoch's permutation, rebuilt from (seed, domain, epoch)
 
     def check_proportions(self, proportions) -> np.ndarray:
-        if isinstance(proportions, torch.Tensor):
+        if hasattr(proportions, "detach"):  # a torch tensor, on any device
             proportions = proportions.detach().cpu().double().numpy()
         p = np.asarray(proportions, dtype=np.float64)
         D = len(self.bins.domains)
@@ -224,6 +227,7 @@ class MixtureSampler:
             a, s = self.bins.train[d], w * T
             x[i] = a[s:s + T]  # a widening copy per row, from the page cache (bench/data.py)
             y[i] = a[s + 1:s + T + 1]
+        import torch
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(dom[lo:hi].astype(np.int64))
 
     def state_dict(self) -> dict:

@@ -157,9 +157,9 @@ def report_main(argv) -> int:
         print("usage: python train.py report RUN_DIR (a train.py out_dir)", file=sys.stderr)
         return 2
     run = RunDir(argv[0])
-    with open(run.config) as f:
-        c = json.load(f)  # the run's TrainConfig, as a dict
     try:
+        with open(run.config) as f:
+            c = json.load(f)  # the run's TrainConfig, as a dict
         bins = DomainBins(c["data_dir"])
         seq_len = c["cpt_seq_len"] if c["cpt_steps"] else c["prune_seq_len"]
         rows = []
@@ -171,6 +171,9 @@ def report_main(argv) -> int:
                          evaluate(model, bins, seq_len, c["eval_batch_size"], c["eval_batches"])))
     except (ValueError, OSError, convert.ConvertError, CheckpointError) as e:
         print(f"train.py report: error: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:
+        print(f"train.py report: error: {run.config} has no {e} (not a train.py config?)", file=sys.stderr)
         return 1
     print(f"\n{run.path}: {c['eval_batches']} x {c['eval_batch_size']} sequences of {seq_len} tokens per domain")
     print(loss_table(bins.domains, rows))

@@ -562,8 +562,10 @@ def train(run: Run, ckpt: str | None):
     start = [s.name for s in run.stages].index(state["stage"]) if state is not None else 0
     for i, stage in enumerate(run.stages[start:], start):
         resume = ckpt if state is not None and i == start else None
-        st = start_stage(run, stage, mcfg, sd, resume)
-        sd = None  # rank 0 handed the weights to the model: the stage holds the only copy
+        model = build_model(mcfg, sd if run.master else None, c, run.device, run.world)
+        sd = None  # the model holds the weights: rank 0's full copy goes before the stage's other work
+        st = start_stage(run, stage, model, resume)
+        del model  # the stage holds it, and finish_stage lets it go before compaction
         mcfg, sd = run_stage(run, st, last_stage=i + 1 == len(run.stages))
     barrier()
     if run.master:
@@ -590,11 +592,10 @@ class StageState:
     terminated: bool = False  # some rank got SIGTERM (all-reduced with the step's statistics)
 
 
-def start_stage(run: Run, stage: Stage, mcfg: ModelConfig, sd: dict | None, resume: str | None) -> StageState:
-    """The model (from sd on rank 0, or from the checkpoint `resume`), its masks while pruning, the optimizers, the
-    stage's sampler and a fresh domain weighter."""
-    c = run.cfg
-    model = build_model(mcfg, sd if run.master else None, c, run.device, run.world)
+def start_stage(run: Run, stage: Stage, model, resume: str | None) -> StageState:
+    """Around the model (its weights filled from the checkpoint `resume`, if any): its masks while pruning, the
+    optimizers, the stage's sampler and a fresh domain weighter."""
+    c, mcfg = run.cfg, model.config
     l0 = run.make_l0(mcfg) if stage.name == "prune" else None
     optimizers, peaks = run.make_optimizers(model, l0, stage)
     if resume is None and l0 is not None and c.mask_init == "importance":
@@ -633,7 +634,7 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
     write = bar.write if not bar.disable else run.log
     first, t0, tokens = st.step, time.perf_counter(), 0  # tokens since the last log line, for its throughput
     while True:
-        step, last_step = st.step, st.step == stage.steps
+        step, last_step = st.step, st.step >= stage.steps  # (>: resumed with fewer steps, allow_changes)
         if step == 0 or step > first:  # (a resumed step's evaluation and checkpoint are in the files already)
             if step == 0 or step % c.eval_interval == 0 or last_step:
                 evaluate_and_update(run, st, update=step > 0)

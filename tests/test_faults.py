@@ -258,6 +258,17 @@ def test_other_config_is_refused_listing_the_keys(setup, stopped, tmp_path, caps
     assert tree(run) == before
 
 
+def test_resumed_past_a_shortened_stage_goes_on_to_the_next(setup, stopped, tmp_path):
+    # stopped at prune step 4; prune_steps lowered to 3 on resume: the stage is over, compaction and cpt follow
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    r = train_cli(base, run, "--prune_steps=3", "--allow_changes=prune_steps", timeout=120)
+    assert r.returncode == 0 and "resumed prune at step 4" in r.stdout, r.stderr[-2000:]
+    ends = [(x["stage"], x["step"]) for x in RunDir(run).read_metrics() if "stage_seconds" in x]
+    assert ends == [("prune", 4), ("cpt", 4)] and (run / "hf" / "model.safetensors").exists()
+
+
 def test_allowed_change_resumes_with_the_new_value(setup, stopped, tmp_path, capsys):
     root, base, ref = setup
     run = tmp_path / "run"
