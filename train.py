@@ -559,7 +559,12 @@ def train(run: Run, ckpt: str | None):
                        resume="allow")
         except ImportError:
             print("wandb_project is set but wandb is not installed (pip install wandb); not logging to it")
-    start = [s.name for s in run.stages].index(state["stage"]) if state is not None else 0
+    names = [s.name for s in run.stages]
+    if state is not None and state["stage"] not in names:
+        raise ConfigError(f"{ckpt} is a checkpoint of the {state['stage']} stage, which {state['stage']}_steps=0 "
+                          f"removes; run again with {state['stage']}_steps > 0 (and --allow_changes="
+                          f"{state['stage']}_steps), or start over with --overwrite=true")
+    start = names.index(state["stage"]) if state is not None else 0
     for i, stage in enumerate(run.stages[start:], start):
         resume = ckpt if state is not None and i == start else None
         model = build_model(mcfg, sd if run.master else None, c, run.device, run.world)

@@ -269,6 +269,17 @@ def test_resumed_past_a_shortened_stage_goes_on_to_the_next(setup, stopped, tmp_
     assert ends == [("prune", 4), ("cpt", 4)] and (run / "hf" / "model.safetensors").exists()
 
 
+def test_resume_refuses_to_drop_the_stage_it_stopped_in(setup, stopped, tmp_path, capsys):
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    capsys.readouterr()
+    assert train.main(base + [f"--out_dir={run}", "--prune_steps=0", "--allow_changes=prune_steps"]) == 2
+    one_line(capsys.readouterr().err, "train.py: error: ", "checkpoint of the prune stage, which prune_steps=0 removes")
+    assert tree(run / "checkpoints") == tree(stopped / "checkpoints") and not (run / "hf").exists()
+    assert train.main(base + [f"--out_dir={run}", "--allow_changes=prune_steps"]) == 0  # as it says: resumes
+
+
 def test_allowed_change_resumes_with_the_new_value(setup, stopped, tmp_path, capsys):
     root, base, ref = setup
     run = tmp_path / "run"
