@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 # torch is imported where tensors are made, not here: prepare.py takes FORMAT and tokenizer_fingerprint from this
-# file, and each of its spawned tokenizer workers re-imports prepare.py, where torch would cost a second and
-# ~190 MB per worker for nothing
+# file, and each of its spawned tokenizer workers re-imports prepare.py, which must not load torch for nothing
 FORMAT = 1  # the meta.json layout: prepare.py writes it, DomainBins checks it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define the id <-> text mapping
 log = logging.getLogger(__name__)
