@@ -272,6 +272,24 @@ def load_model(path: str, dtype=torch.float32) -> Transformer:
     return Transformer.from_state_dict(*load_hf(path, dtype=dtype))
 
 
+def load_tokenizer(path: str):
+    """The transformers tokenizer of anything load_model reads: a directory's tokenizer files, a .gguf file's
+    vocabulary, a run directory's export hf/ (else the tokenizer of the model it started from)."""
+    from transformers import AutoTokenizer
+    if is_run_dir(path):
+        hf = os.path.join(path, "hf")
+        if any(os.path.isfile(os.path.join(hf, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            return AutoTokenizer.from_pretrained(hf)
+        with open(os.path.join(path, "config.json")) as f:
+            return load_tokenizer(json.load(f)["init_from"])
+    src = resolve(path)
+    if src.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(src)), gguf_file=os.path.basename(src))
+    if not any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        raise ConvertError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return AutoTokenizer.from_pretrained(src)
+
+
 # -----------------------------------------------------------------------------
 # writing
 

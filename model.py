@@ -206,10 +206,12 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(cfg: ModelConfig, T: int, device, dtype):
+def rope_cos_sin(cfg: ModelConfig, T: int, device, dtype, positions=None):
+    """cos, sin (T, rd) for positions 0..T-1, or (B, 1, T, rd) for explicit positions (B, T) (packed sequences)."""
     # recomputed per forward (T x rotary_dim/2 flops): no cached buffer to rebuild after meta-device init
-    freqs = torch.outer(torch.arange(T, device=device, dtype=torch.float32), rope_inv_freq(cfg, device))  # (T, rd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, rd)
+    pos = torch.arange(T, device=device) if positions is None else positions[:, None, :]  # (T,) or (B, 1, T)
+    freqs = pos.to(torch.float32)[..., None] * rope_inv_freq(cfg, device)  # (..., T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, rd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -223,11 +225,13 @@ def apply_rope(x, cos, sin):
     return torch.cat((xr, xp), dim=-1) if xp.shape[-1] else xr
 
 
-def attention(q, k, v):
+def attention(q, k, v, attn_mask=None):
     """Causal attention, q (B, nh, T, hs), k and v (B, nkv, T, hs) -> (B, nh, T, hs): PyTorch's SDPA, which picks
-    a FlashAttention kernel on GPUs. A module-level function, so another kernel (bench/gpu.py tries the flash-attn
-    package) can replace it: model.attention = ..."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    a FlashAttention kernel on GPUs. attn_mask (B, 1, T, T) bool, True = may attend, replaces the causal mask (the
+    scorer of report.py packs several sequences, and choices sharing a context, into one row). A module-level
+    function, so another kernel (bench/gpu.py tries the flash-attn package) can replace it: model.attention = ..."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def apply_z(x, z):
@@ -290,13 +294,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, nkv * hs, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hs, d, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, head_z=None, out_z=None):
+    def forward(self, x, cos, sin, head_z=None, out_z=None, attn_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v)  # (B, nh, T, hs)
+        # a replacement kernel need not take a mask: training never passes one
+        y = attention(q, k, v) if attn_mask is None else attention(q, k, v, attn_mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)
         # one unit per key/value group: query head h belongs to group h // (nh // nkv), as in HF repeat_kv; head_z
         # scales each head's output, i.e. o_proj's input columns
@@ -344,8 +349,9 @@ class Block(nn.Module):
             return torch.utils.checkpoint.checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
         return self._forward(*args, **kwargs)
 
-    def _forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None):
-        a = self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z, out_z)
+    def _forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None,
+                 attn_mask=None):
+        a = self.self_attn(self.input_layernorm(x, hidden_z, hidden_n), cos, sin, head_z, out_z, attn_mask)
         if self.parallel:
             return x + a + self.mlp(self.post_attention_layernorm(x, hidden_z, hidden_n), intermediate_z, out_z)
         x = x + a
@@ -393,14 +399,16 @@ class Transformer(nn.Module):
         model.tie_weights()
         return model
 
-    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean", teacher=None):
+    def forward(self, idx, targets=None, masks: dict | None = None, reduction: str = "mean", teacher=None,
+                positions=None, attn_mask=None):
         """idx (B, T) token ids -> logits (B, T, V); with targets (B, T) (-100 = ignore) -> the mean token
         cross-entropy, or per-token losses (B, T) with reduction="none". `masks` from l0.L0Module, any subset.
         teacher: (hidden (B, T, d_t), lm_head weight (V, d_t), alpha, temperature) of a frozen teacher (its
-        `hidden(idx)`): with reduction="none", returns (distillation loss, cross-entropy) per token (distill_loss)."""
+        `hidden(idx)`): with reduction="none", returns (distillation loss, cross-entropy) per token (distill_loss).
+        positions (B, T) and attn_mask (B, 1, T, T) (True = may attend): packed rows, see `hidden`."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x = self.hidden(idx, masks)  # (B, T, d)
+        x = self.hidden(idx, masks, positions, attn_mask)  # (B, T, d)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)
         B, T = idx.shape
@@ -414,25 +422,32 @@ class Transformer(nn.Module):
                                     chunk)
             return loss.view(B, T), ce.view(B, T)
         grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+        if not grad and reduction == "none" and (keep := targets.flatten() != -100).sum() < B * T:
+            # scoring (report.py) wants a few tokens of each row: ignored targets cost no lm_head matmul
+            loss = torch.zeros(B * T, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+            loss[keep] = LinearCrossEntropy.apply(x.flatten(0, 1)[keep], w, targets.flatten()[keep], chunk, False)
+            return loss.view(B, T)
         loss = LinearCrossEntropy.apply(x.flatten(0, 1), w, targets.flatten(), chunk, grad)  # (B * T,)
         if reduction == "none":
             return loss.view(B, T).clone()  # not a view: FSDP2 hooks the output of the root module
         return loss.sum() / (targets != -100).sum().clamp(min=1)
 
-    def hidden(self, idx, masks: dict | None = None):
-        """idx (B, T) -> the final norm's output (B, T, d), what lm_head reads."""
+    def hidden(self, idx, masks: dict | None = None, positions=None, attn_mask=None):
+        """idx (B, T) -> the final norm's output (B, T, d), what lm_head reads. Each row is one sequence at
+        positions 0..T-1 under a causal mask, unless positions (B, T) and attn_mask (B, 1, T, T) say otherwise:
+        several sequences in a row, each attending to its own earlier tokens, with its own positions."""
         B, T = idx.shape
         masks = masks or {}
         layer_z, hidden_z = masks.get("layer_z"), masks.get("hidden_z")
         # kept hidden dims, counted once per forward for all 2L+1 norms (a sample may close every gate: 0, not NaN)
         hidden_n = None if hidden_z is None else (hidden_z != 0).sum().clamp(min=1)
         x = apply_z(self.model.embed_tokens(idx), hidden_z)  # (B, T, d)
-        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype)
+        cos, sin = rope_cos_sin(self.config, T, x.device, x.dtype, positions)
         for i, layer in enumerate(self.model.layers):
             z = {k: masks[k][i] for k in ("head_z", "intermediate_z") if k in masks}
             # a sublayer's output is scaled by layer_z and hidden_z: their product, once per layer
             out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
-            x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, **z)
+            x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, attn_mask=attn_mask, **z)
         return self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
 
     def num_params(self, non_embedding: bool = True) -> int:

