@@ -319,8 +319,8 @@ def batches(rows, batch_tokens: int):
 
 @torch.no_grad()
 def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, limit: int = 0, masks=None,
-                rank: int = 0, world: int = 1, device="cpu", dtype=None, batch_tokens: int = 4096,
-                row_tokens: int = 512, progress: bool = True) -> dict:
+                rank: int = 0, world: int = 1, device="cpu", dtype=None, batch_tokens: int = 2048,
+                row_tokens: int = 256, progress: bool = True) -> dict:
     """Zero-shot accuracy on each task: {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
     "ll": per-example per-choice log-likelihoods, "gold"}}. Every rank scores its share of the batches and the
     log-likelihoods are summed over the ranks, so all ranks return the whole result (under FSDP each rank runs
@@ -415,7 +415,7 @@ def eval_main(argv) -> int:
     ap.add_argument("--tasks_dir", default=TASKS_DIR, help="the tasks' data (default %(default)s, from make tasks)")
     ap.add_argument("--json", default="out/eval/tasks.json", help="where the task scores go, per-example "
                     "log-likelihoods included (default %(default)s)")
-    ap.add_argument("--batch_tokens", type=int, default=4096, help="tokens per forward when scoring tasks")
+    ap.add_argument("--batch_tokens", type=int, default=2048, help="tokens per forward when scoring tasks")
     args = ap.parse_args(argv)
     data_dir = args.data_dir or (None if args.tasks else "data/demo")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
