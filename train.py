@@ -123,6 +123,11 @@ class TrainConfig:
     save_interval: int = 400
     keep_checkpoints: int = 2  # the newest ones; 0 keeps all
     stop_at: int = 0  # stop (with a checkpoint) once the run reaches this step, e.g. a job's time limit; 0 = never
+    # downstream tasks (report.TASKS), zero-shot: the model entering each stage (the source, then the compacted one)
+    # and the final model are scored, into metrics.jsonl and the report
+    eval_tasks: str = ""  # comma-separated task names, or all; "" = none
+    eval_tasks_limit: int = 0  # the first N validation examples of each task; 0 = all of them
+    eval_tasks_dir: str = report.TASKS_DIR  # their data (make tasks)
     export_dtype: str = "float32"  # of pruned/ and hf/: float32 | bfloat16
     wandb_project: str = ""  # log to Weights & Biases too (if installed)
     # system
@@ -133,7 +138,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Everything that can be checked without the data, the model or the world size."""
-        for name in ("prune_steps", "cpt_steps", "keep_checkpoints", "stop_at"):
+        for name in ("prune_steps", "cpt_steps", "keep_checkpoints", "stop_at", "eval_tasks_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("prune_batch_size", "prune_micro_batch_size", "prune_seq_len", "cpt_batch_size",
@@ -154,6 +159,11 @@ class TrainConfig:
             raise ConfigError(f"distill_alpha={self.distill_alpha} must be in [0, 1] (0: off, 1: distillation alone)")
         if self.distill_temperature <= 0:
             raise ConfigError(f"distill_temperature={self.distill_temperature} must be > 0")
+        if self.eval_tasks:
+            try:
+                report.task_names(self.eval_tasks)
+            except ValueError as e:
+                raise ConfigError(f"eval_tasks: {e}") from None
         if self.target_params < 0 or self.mask_init_batches < 1:
             raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
@@ -172,7 +182,7 @@ class TrainConfig:
 
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
-             "wandb_project", "compile", "activation_checkpointing"}
+             "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
                    "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
@@ -421,6 +431,13 @@ class Run:
                     self.bins.val_batches(d, s.seq_len, cfg.eval_batch_size, cfg.eval_batches, 0, self.world)
             except ValueError as e:
                 raise ConfigError(f"{s.name} stage: {e}") from None
+        self.tasks = report.task_names(cfg.eval_tasks) if cfg.eval_tasks else []
+        try:  # missing task data fails now, not after the first stage
+            for name in self.tasks:
+                report.load_docs(name, cfg.eval_tasks_dir, 1)
+        except ValueError as e:
+            raise ConfigError(f"eval_tasks: {e}") from None
+        self.tokenizer = None  # the source's, for the tasks
         self.teacher = None  # the frozen source model, when distilling or measuring references against it
         self.src_path = None  # the source model (its tokenizer goes with every export)
         self.wandb = None
@@ -449,6 +466,20 @@ class Run:
                                   self.world, self.device)
         reshard(model)
         return val
+
+    def score_tasks(self, model, masks, label: str, st: "StageState"):
+        """Zero-shot accuracy on eval_tasks of `label` (source | pruned | final), into metrics.jsonl and the log."""
+        c, stage = self.cfg, st.stage
+        t = time.perf_counter()
+        with self.autocast():
+            res = report.score_tasks(model, self.tokenizer, self.tasks, c.eval_tasks_dir, c.eval_tasks_limit, masks,
+                                     self.rank, self.world, self.device, progress=self.master and sys.stderr.isatty())
+        reshard(model)
+        res = {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in res.items()}
+        self.record(dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, tasks_model=label, tasks=res))
+        self.log(f"{label} model, zero-shot: " + ", ".join(
+            f"{n} {100 * r.get('acc_norm', r['acc']):.1f}" for n, r in res.items()) +
+            f" (acc_norm where the task has it, else acc; {time.perf_counter() - t:.0f} s)")
 
     def load_source(self, path) -> tuple[ModelConfig, dict | None]:
         """(config, weights) of a model: rank 0 reads the weights, the others get the config (and any error, so
@@ -542,6 +573,8 @@ def train(run: Run, ckpt: str | None):
     state = checkpoint.read_state(ckpt) if ckpt else None
     run.src_path = model_source(c.init_from)
     teacher_path = model_source(c.teacher) if c.teacher else run.src_path
+    if run.tasks:
+        run.tokenizer = convert.load_tokenizer(run.src_path)
     if state is None:
         mcfg, sd = run.load_source(run.src_path)
     else:  # resuming: the weights come from the checkpoint
@@ -643,6 +676,8 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
         if step == 0 or step > first:  # (a resumed step's evaluation and checkpoint are in the files already)
             if step == 0 or step % c.eval_interval == 0 or last_step:
                 evaluate_and_update(run, st, update=step > 0)
+            if step == 0 and run.tasks:  # the model entering the stage (again after a resume at step 0)
+                run.score_tasks(st.model, None, "pruned" if stage.offset else "source", st)
             if step == 0 and stage.offset and not st.resumed:  # right after compaction: never prune twice
                 save(run, st)
             elif 0 < step < stage.steps and step % c.save_interval == 0:
@@ -799,6 +834,8 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         run.log(f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f} "
                 f"(gap {s['expected_sparsity'] - s['final_sparsity']:+.3f}); compacting to the target")
     run.record(row)
+    if last_stage and run.tasks:  # after pruning alone, the masks the compaction applies: the compacted model
+        run.score_tasks(st.model, l0.deterministic_masks() if l0 is not None else None, "final", st)
     mcfg, sd = st.model.config, full_state_dict(st.model)
     st.model = st.optimizers = None  # gathered: the shards can go before the compacted copy is made
     if l0 is not None:  # compact: gathered on rank 0, re-sharded when the next stage builds it

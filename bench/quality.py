@@ -1,7 +1,8 @@
 """
 What the data scheduling and the recovery options buy, measured on the demo (SmolLM2-135M pruned to the demo's target
 shape on the demo corpus, then continued pretraining): one run per variant and seed at equal token budgets, every
-model scored on the same 4,096 validation tokens of every domain. Two sweeps:
+model scored on the same 4,096 validation tokens of every domain and on the same downstream examples (zero-shot, the
+first --limit validation examples of each of --tasks, scored as lm-evaluation-harness scores them). Two sweeps:
 
     weighting  constant | sheared | dro | dro+dy+dyall          (--domain_weighting)
     recovery   ce: the demo as it is (dro+eval, plain cross-entropy) | kd: + distillation from the source model in
@@ -18,8 +19,8 @@ needs to reach the first variant's final mean loss (on the runs' own evaluations
 
 Each run is `train.py config/demo.py` with the variant's options, --seed and the budget overridden, in
 out/quality/<variant>-s<seed>; an interrupted sweep picks up where it stopped (train.py resumes its runs, and
-scores already computed are kept in out/quality/scores.json). Needs `make model` and the demo data (`make demo`
-prepares both).
+scores already computed are kept in out/quality/scores.json). Needs `make model`, `make tasks` and the demo data
+(`make demo` prepares all three).
 """
 
 import argparse
@@ -63,7 +64,8 @@ def train_run(args, method: str, options: list[str], seed: int) -> Path:
            f"--data_dir={args.data_dir}", f"--out_dir={d}", f"--seed={seed}",
            f"--prune_steps={args.prune_steps}", f"--cpt_steps={args.cpt_steps}",
            f"--eval_interval={args.eval_interval}", f"--save_interval={args.save_interval}", "--keep_checkpoints=1",
-           *args.extra.split(), *options]  # the variant's options last: they win
+           "--eval_tasks=", *args.extra.split(), *options]  # the variant's options last: they win
+    # (--eval_tasks=: the runs score no tasks themselves; this script scores their exports, with its own --limit)
     if not (d / "done.json").is_file():
         print(f"\n== {method}, seed {seed}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
@@ -78,6 +80,19 @@ def score(bins, path, args) -> list[float]:
     model = convert.load_model(str(path))
     bins.check_compatible(model.config.vocab_size)
     return [float(x) for x in report.evaluate(model, bins, args.seq_len, args.batch_size, args.batches)]
+
+
+def task_scores(path, args) -> dict:
+    model = convert.load_model(str(path))
+    res = report.score_tasks(model, convert.load_tokenizer(str(path)), report.task_names(args.tasks),
+                             limit=args.limit, progress=False)
+    return {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in res.items()}
+
+
+def headline(scores: dict) -> dict:
+    """{task: accuracy}: acc_norm where the harness reports it, else acc (as papers quote them); and their mean."""
+    acc = {n: r.get("acc_norm", r["acc"]) for n, r in scores.items()}
+    return {**acc, "average": float(np.mean(list(acc.values())))}
 
 
 def summarize(losses) -> dict:
@@ -108,6 +123,8 @@ def main():
     ap.add_argument("--batches", type=int, default=4, help="scoring: batches per domain (4 x 8 x 128 = the first "
                     "4,096 tokens of each domain's validation split, the same for every model; the runs' own "
                     "evaluations use its first 512)")
+    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,sciq,winogrande", help="downstream tasks scored")
+    ap.add_argument("--limit", type=int, default=200, help="downstream: the first N validation examples of each")
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "quality.png"))
@@ -137,7 +154,18 @@ def main():
             print(f"scored {key}: mean {np.mean(cache[key]['losses']):.4f} ({time.time() - t0:.0f} s)", flush=True)
         return cache[key]["losses"]
 
+    def cached_tasks(key, path):
+        key, task_setting = f"{key}/tasks", [args.tasks, args.limit]
+        if cache.get(key, {}).get("setting") != task_setting:
+            t0 = time.time()
+            cache[key] = dict(setting=task_setting, scores=task_scores(path, args))
+            cache_path.write_text(json.dumps(cache, indent=1))
+            print(f"scored {key}: average {headline(cache[key]['scores'])['average']:.3f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+        return cache[key]["scores"]
+
     source = cached_score("source", args.model)
+    source_tasks = cached_tasks("source", args.model)
     runs = []
     for seed in seeds:  # seed-major, so that a partial sweep already compares every method
         for method in methods:
@@ -150,6 +178,8 @@ def main():
                 method=method, seed=seed,
                 pruned=cached_score(f"{d.name}/pruned", d / "pruned"),
                 final=cached_score(f"{d.name}/final", d / "hf"),
+                pruned_tasks=cached_tasks(f"{d.name}/pruned", d / "pruned"),
+                final_tasks=cached_tasks(f"{d.name}/final", d / "hf"),
                 weights={st: {"first": [w[0][f"weight/{n}"] for n in bins.domains],
                               "last": [w[-1][f"weight/{n}"] for n in bins.domains],
                               "mean": [float(np.mean([r[f"weight/{n}"] for r in w])) for n in bins.domains]}
@@ -171,7 +201,10 @@ def main():
             table[method][when] = dict(
                 domains=np.mean([r[when] for r in rs], axis=0).tolist(),
                 **{k: float(np.mean([s[k] for s in per_seed])) for k in ("mean", "worst", "spread")},
-                **{f"{k}_seeds": [s[k] for s in per_seed] for k in ("mean", "worst")})
+                **{f"{k}_seeds": [s[k] for s in per_seed] for k in ("mean", "worst")},
+                tasks={k: float(np.mean([headline(r[f"{when}_tasks"])[k] for r in rs]))
+                       for k in headline(rs[0][f"{when}_tasks"])},
+                tasks_average_seeds=[headline(r[f"{when}_tasks"])["average"] for r in rs])
     base = table[methods[0]]
     for r in runs:  # continued-pretraining tokens to reach the first variant's final mean loss, same seed
         goal = next(b for b in runs if b["method"] == methods[0] and b["seed"] == r["seed"])["cpt_curve"]
@@ -190,8 +223,9 @@ def main():
                     config=args.config, extra=args.extra),
         sweep=args.sweep, variants={m: [o.replace("ALPHA", str(args.distill_alpha)) for o in variants[m]]
                                     for m in methods},
-        scoring=dict(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches),
-        domains=bins.domains, source=source, runs=runs, table=table)
+        scoring=dict(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches, tasks=args.tasks,
+                     limit=args.limit),
+        domains=bins.domains, source=source, source_tasks=source_tasks, runs=runs, table=table)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"quality{suffix}.json").write_text(json.dumps(result, indent=1))
@@ -237,6 +271,17 @@ def markdown(res, base_name) -> str:
                          f"| {t['worst']:.3f} ({', '.join(f'{v:.3f}' for v in t['worst_seeds'])}) "
                          f"| {t['spread']:.3f} {rel}|")
         lines.append("")
+    names = list(headline(res["source_tasks"]))
+    lines += [f"**downstream accuracy** (%, zero-shot, the first {res['scoring']['limit']} validation examples of each "
+              "task, acc_norm where lm-evaluation-harness reports it, else acc; mean over seeds, each seed's average "
+              "in brackets)", "", "| method | model | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|",
+              "| source model | | " + " | ".join(f"{100 * v:.1f}" for v in headline(res["source_tasks"]).values()) +
+              " |"]
+    for m, t in res["table"].items():
+        for when in ("pruned", "final"):
+            lines.append(f"| {m} | {when} | " + " | ".join(f"{100 * v:.1f}" for v in t[when]["tasks"].values()) +
+                         f" ({', '.join(f'{100 * v:.1f}' for v in t[when]['tasks_average_seeds'])}) |")
+    lines.append("")
     if any("cpt_tokens_to_baseline" in r for r in res["runs"]):
         seeds = sorted({r["seed"] for r in res["runs"]})
         lines += [f"**continued-pretraining tokens to reach {base_name}'s final mean validation loss** (on the runs' "

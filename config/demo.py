@@ -49,3 +49,8 @@ eval_batch_size = 4
 log_interval = 2
 save_interval = 20
 keep_checkpoints = 1  # a checkpoint of the pruning stage (model and AdamW state) is 1.6 GB here
+
+# zero-shot accuracy of the source, compacted and final models (report.py, as lm-evaluation-harness scores it): the
+# first 100 validation examples of five tasks, about half a minute per model here (make tasks fetches the data)
+eval_tasks = "arc_easy,hellaswag,piqa,sciq,winogrande"
+eval_tasks_limit = 100

@@ -13,6 +13,7 @@ from pathlib import Path
 import transformers
 from conftest import make_hf
 from test_data import make_tokenizer
+from test_tasks import write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,8 @@ def test_make_demo_pipeline(tmp_path):
                        "--prune_steps=4", "--cpt_steps=2", "--prune_seq_len=32", "--cpt_seq_len=32",
                        "--eval_interval=2", "--save_interval=2", "--log_interval=1"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [f"GGUF={tmp_path / 'tiny.gguf'}", f"DEFAULT_MODEL={tmp_path / 'model'}", f"DEMO_DATA={tmp_path / 'data'}",
+    (write_tasks(tmp_path / "tasks") / ".done").touch()  # small stand-ins for the tasks' data: no download
+    args = [f"GGUF={tmp_path / 'tiny.gguf'}", f"TASKS_DIR={tmp_path / 'tasks'}", f"DEFAULT_MODEL={tmp_path / 'model'}", f"DEMO_DATA={tmp_path / 'data'}",
             f"DEMO_OUT={tmp_path / 'out'}", "PREPARE_ARGS=--max-tokens-per-domain 20000 --val-tokens 3000 --quiet",
             f"DEMO_ARGS={shrink}"]
     r = subprocess.run(["make", "--no-print-directory", "demo", *args], cwd=ROOT, env=env, capture_output=True,
@@ -62,7 +64,7 @@ def test_make_demo_pipeline(tmp_path):
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size) == (24, 2, 3, 1, 40)
     for line in ("source", "pruned", "final", "greedy completion by", "prune: 4 steps", "cpt: 2 steps",
-                 "domain weights, first -> last"):
+                 "domain weights, first -> last", "downstream, zero-shot", "hellaswag", "winogrande"):
         assert line in r.stdout, line
     assert (out / "plots" / "val_loss.png").exists() and (out / "done.json").exists()
     # a second run skips what is done: the stages print that the run is finished
