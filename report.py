@@ -299,23 +299,25 @@ def pack(requests: list[list[tuple[list[int], list[int]]]], max_len: int, row_to
     return rows
 
 
-def batches(rows, batch_tokens: int):
-    """Rows of similar length grouped into batches of about batch_tokens, padded to their longest row:
-    (idx, positions, attn_mask, targets, request) tensors (B, T) and (B, 1, T, T)."""
-    rows = sorted(rows, key=len, reverse=True)
-    i = 0
+def batches(rows, batch_tokens: int) -> list[list]:
+    """Rows of similar length grouped into batches of about batch_tokens tokens, longest first."""
+    rows, out, i = sorted(rows, key=len, reverse=True), [], 0
     while i < len(rows):
-        T = len(rows[i])
-        group = rows[i:i + max(1, batch_tokens // T)]
-        i += len(group)
-        pad = [(0, 0, -1, 0, -100, -1)] * T
-        t = torch.tensor([row + pad[len(row):] for row in group])  # (B, T, 6)
-        idx, pos, unit, branch, targets, req = t.unbind(-1)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        same = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
-        branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
-        mask = (causal & same & branch_ok) | torch.eye(T, dtype=torch.bool)  # padding sees itself: no empty row
-        yield idx, pos, mask[:, None], targets, req
+        out.append(rows[i:i + max(1, batch_tokens // len(rows[i]))])
+        i += len(out[-1])
+    return out
+
+
+def batch_tensors(group):
+    """A batch of rows padded to its longest: idx, positions, targets, request (B, T) and attn_mask (B, 1, T, T)."""
+    T = len(group[0])
+    pad = [(0, 0, -1, 0, -100, -1)] * T
+    idx, pos, unit, branch, targets, req = torch.tensor([row + pad[len(row):] for row in group]).unbind(-1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = (unit[:, :, None] == unit[:, None, :]) & (unit[:, :, None] >= 0)
+    branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    mask = (causal & same & branch_ok) | torch.eye(T, dtype=torch.bool)  # padding sees itself: no empty row
+    return idx, pos, mask[:, None], targets, req
 
 
 @torch.no_grad()
@@ -331,7 +333,7 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
     examples = [(n, TASKS[n].requests(d)) for n in names for d in docs[n]]
     encoded = [[encode(tokenizer, c, x) for c, x in reqs] for _, (reqs, _, _) in examples]
     rows = pack(encoded, model.config.max_position_embeddings, row_tokens)
-    work = list(batches(rows, batch_tokens))
+    work = batches(rows, batch_tokens)  # row groups; each becomes tensors when its turn comes
     n_req = sum(len(e) for e in encoded)
     ll = torch.zeros(n_req, dtype=torch.float64, device=device)
     was_training = model.training
@@ -342,7 +344,7 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
     bar = tqdm(total=steps, desc=f"scoring {len(examples)} examples of {', '.join(names)}", unit="batch",
                disable=not progress or rank != 0, leave=False)
     for i in range(steps):
-        idx, pos, mask, targets, req = mine[i] if i < len(mine) else work[0]  # a spare forward, not counted
+        idx, pos, mask, targets, req = batch_tensors(mine[i] if i < len(mine) else work[0])  # (spare: not counted)
         with autocast:
             loss = model(idx.to(device), targets.to(device), masks=masks, reduction="none", positions=pos.to(device),
                          attn_mask=mask.to(device))

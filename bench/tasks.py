@@ -14,7 +14,8 @@ that venv's python, e.g.
 
 The harness reads the same Arrow files through task configs written to a temporary directory: each includes the
 harness's own config of the task and only points it at the local file (boolq: google/boolq's `answer` for the label).
-Appends every figure, with the command and commit, to bench/results/tasks.json.
+Appends every figure, with the command and commit, to bench/results/tasks.json. --tokens_only prints, without the
+harness, the tokens per example that our packed rows compute against one padding-free sequence per choice.
 """
 
 import argparse
@@ -57,6 +58,19 @@ def harness_configs(py: str, names, tasks_dir: str, out: str):
             f"validation_split: validation\n{extra}")
 
 
+def token_counts(model: str, names, tasks_dir: str, limit: int) -> dict:
+    """Per task: tokens per example fed by our packed rows, and by one sequence per choice (context + choice)."""
+    import convert
+    tok = convert.load_tokenizer(model)
+    out = {}
+    for n in names:
+        docs = report.load_docs(n, tasks_dir, limit)
+        enc = [[report.encode(tok, c, x) for c, x in report.TASKS[n].requests(d)[0]] for d in docs]
+        rows = report.pack(enc, 1 << 30, 256)
+        out[n] = (sum(map(len, rows)) / len(docs), sum(len(c) + len(x) - 1 for e in enc for c, x in e) / len(docs))
+    return out
+
+
 def timed(cmd, env) -> float:
     t = time.time()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -68,7 +82,8 @@ def timed(cmd, env) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a Hugging Face directory (both sides read it)")
-    ap.add_argument("--lm_eval_python", required=True, help="a python with lm_eval[hf] 0.4 installed")
+    ap.add_argument("--lm_eval_python", help="a python with lm_eval[hf] 0.4 installed")
+    ap.add_argument("--tokens_only", action="store_true", help="only the tokens per example, ours and unshared")
     ap.add_argument("--tasks", default="all")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
@@ -77,6 +92,14 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench/results/tasks.json"))
     args = ap.parse_args()
     names = report.task_names(args.tasks)
+    if args.tokens_only:
+        print(f"{args.model}: tokens per example, first {args.limit} of each task: packed (ours) / one sequence per "
+              "choice")
+        for n, (ours, plain) in token_counts(args.model, names, args.tasks_dir, args.limit).items():
+            print(f"{n:<15} {ours:7.1f} / {plain:7.1f}")
+        return
+    if not args.lm_eval_python:
+        ap.error("--lm_eval_python is required (or --tokens_only)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     model = os.path.abspath(args.model)
