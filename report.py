@@ -11,6 +11,7 @@ the L0 masks of the current expected size while pruning), so the report's number
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -208,6 +209,7 @@ TASKS = {
 def task_names(spec: str) -> list[str]:
     """"arc_easy,piqa" or "all" -> task names, checked."""
     names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    names = list(dict.fromkeys(names))  # each once
     bad = [t for t in names if t not in TASKS]
     if bad or not names:
         raise ValueError(f"unknown task {', '.join(bad) or repr(spec)}; choose from {', '.join(TASKS)} or all")
@@ -245,18 +247,22 @@ def encode(tokenizer, context: str, continuation: str) -> tuple[list[int], list[
     """Token ids of a request's context and continuation, split as the harness's HFLM splits them: trailing spaces
     of the context move to the continuation, the pair is encoded whole (special tokens as the tokenizer adds them)
     and the continuation is what follows the context's own encoding; an empty context is the BOS (else EOS)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix_text = tokenizer.decode(prefix) if prefix is not None else None
+
     def enc(text, **kw):
-        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        if prefix_text and text.startswith(prefix_text):
             kw["add_special_tokens"] = False  # already there
         return tokenizer.encode(text, **kw)
     if context == "":
         cont = enc(continuation, add_special_tokens=False)
-        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return ([prefix], cont) if cont[0] != prefix else (cont[:1], cont[1:])
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     ctx = enc(context)
+    if not ctx:  # (the harness asserts this too)
+        raise ValueError(f"the context {context + continuation[:n]!r} encodes to no token; nothing to condition on")
     return ctx, enc(context + continuation)[len(ctx):]
 
 
@@ -331,16 +337,28 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
     device = torch.device(device)
     docs = {n: load_docs(n, tasks_dir, limit) for n in names}
     examples = [(n, TASKS[n].requests(d)) for n in names for d in docs[n]]
-    encoded = [[encode(tokenizer, c, x) for c, x in reqs] for _, (reqs, _, _) in examples]
-    rows = pack(encoded, model.config.max_position_embeddings, row_tokens)
+    max_len = model.config.max_position_embeddings
+    # identical requests of an example (two choices with one text) are scored once: equal, as the harness has them
+    encoded, alias, n_unique = [], [], 0
+    for _, (reqs, _, _) in examples:
+        unique = {}
+        for c, x in reqs:
+            ctx, cont = encode(tokenizer, c, x)
+            if len(cont) > max_len:
+                raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's "
+                                 f"{max_len} positions: {x[:60]!r}")
+            alias.append(unique.setdefault((tuple(ctx), tuple(cont)), n_unique + len(unique)))
+        n_unique += len(unique)
+        encoded.append([(list(c), list(x)) for c, x in unique])
+    rows = pack(encoded, max_len, row_tokens)
     work = batches(rows, batch_tokens)  # row groups; each becomes tensors when its turn comes
-    n_req = sum(len(e) for e in encoded)
-    ll = torch.zeros(n_req, dtype=torch.float64, device=device)
+    ll = torch.zeros(n_unique, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     mine = work[rank::world]
     steps = -(-len(work) // world)  # the same count on every rank: FSDP's forwards are collectives
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    # dtype None: the caller's precision, autocast included (train.py scores inside its own)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     bar = tqdm(total=steps, desc=f"scoring {len(examples)} examples of {', '.join(names)}", unit="batch",
                disable=not progress or rank != 0, leave=False)
     for i in range(steps):
@@ -355,24 +373,24 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
     bar.close()
     model.train(was_training)
     all_reduce(ll)
-    ll = ll.cpu().numpy()
-    out, r = {}, 0
-    for name in names:
-        lls, golds, accs, norms = [], [], [], []
-        for n, (reqs, lengths, gold) in examples:
-            if n != name:
-                continue
-            x = ll[r:r + len(reqs)]
-            r += len(reqs)
-            lls.append(x.tolist())
-            golds.append(gold)
-            accs.append(float(np.argmax(x) == gold))
-            norms.append(float(np.argmax(x / np.array(lengths, dtype=np.float64)) == gold))
-        res = {"n": len(accs), **_mean_stderr("acc", accs)}
+    ll = ll.cpu().numpy()[alias]  # per request
+    per_task, r = {n: [] for n in names}, 0
+    for name, (reqs, lengths, gold) in examples:
+        per_task[name].append((ll[r:r + len(reqs)], np.asarray(lengths, dtype=np.float64), gold))
+        r += len(reqs)
+    out = {}
+    for name, rs in per_task.items():
+        # np.argmax takes the first of equal values, as the harness's does
+        res = {"n": len(rs), **_mean_stderr("acc", [float(np.argmax(x) == g) for x, _, g in rs])}
         if TASKS[name].acc_norm:
-            res.update(_mean_stderr("acc_norm", norms))
-        out[name] = {**res, "ll": lls, "gold": golds}
+            res.update(_mean_stderr("acc_norm", [float(np.argmax(x / n) == g) for x, n, g in rs]))
+        out[name] = {**res, "ll": [x.tolist() for x, _, _ in rs], "gold": [g for _, _, g in rs]}
     return out
+
+
+def task_summary(results: dict) -> dict:
+    """score_tasks' results without the per-example log-likelihoods (what metrics.jsonl and tables keep)."""
+    return {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in results.items()}
 
 
 def _mean_stderr(metric: str, xs: list) -> dict:
@@ -481,11 +499,11 @@ def report_main(argv) -> int:
     print(f"\n{run.path}: {c['eval_batches']} x {c['eval_batch_size']} sequences of {seq_len} tokens per domain")
     print(loss_table(bins.domains, rows))
     metrics = run.read_metrics()
-    scored = {r["tasks_model"]: r["tasks"] for r in metrics if "tasks" in r}  # the run's own (eval_tasks)
-    if scored:
-        limit = c.get("eval_tasks_limit") or 0
+    scored = [r for r in metrics if "tasks" in r]  # the run's own (eval_tasks)
+    for limit in dict.fromkeys(r.get("tasks_limit", c.get("eval_tasks_limit", 0)) for r in scored):
         print(f"\ndownstream, zero-shot, {f'the first {limit}' if limit else 'all'} validation examples of each task:")
-        print(task_table(scored))
+        print(task_table({r["tasks_model"]: r["tasks"] for r in scored
+                          if r.get("tasks_limit", c.get("eval_tasks_limit", 0)) == limit}))
     for stage in STAGES:
         w = [r for r in metrics if r["stage"] == stage and "weight/" + bins.domains[0] in r]
         if w:

@@ -475,8 +475,9 @@ class Run:
             res = report.score_tasks(model, self.tokenizer, self.tasks, c.eval_tasks_dir, c.eval_tasks_limit, masks,
                                      self.rank, self.world, self.device, progress=self.master and sys.stderr.isatty())
         reshard(model)
-        res = {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in res.items()}
-        self.record(dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, tasks_model=label, tasks=res))
+        res = report.task_summary(res)
+        self.record(dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, tasks_model=label,
+                         tasks_limit=c.eval_tasks_limit, tasks=res))
         self.log(f"{label} model, zero-shot: " + ", ".join(
             f"{n} {100 * r.get('acc_norm', r['acc']):.1f}" for n, r in res.items()) +
             f" (acc_norm where the task has it, else acc; {time.perf_counter() - t:.0f} s)")
@@ -834,12 +835,12 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         run.log(f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f} "
                 f"(gap {s['expected_sparsity'] - s['final_sparsity']:+.3f}); compacting to the target")
     run.record(row)
-    if last_stage and run.tasks:  # after pruning alone, the masks the compaction applies: the compacted model
-        run.score_tasks(st.model, l0.deterministic_masks() if l0 is not None else None, "final", st)
+    masks = l0.deterministic_masks() if l0 is not None else None  # what compaction keeps
+    if last_stage and run.tasks:  # after pruning alone, under the masks compaction applies: the compacted model
+        run.score_tasks(st.model, masks, "final", st)
     mcfg, sd = st.model.config, full_state_dict(st.model)
     st.model = st.optimizers = None  # gathered: the shards can go before the compacted copy is made
     if l0 is not None:  # compact: gathered on rank 0, re-sharded when the next stage builds it
-        masks = l0.deterministic_masks()
         if run.master:
             mcfg, sd = prune_state_dict(mcfg, sd, masks)
             checkpoint.save_masks(run.dir, l0, masks)

@@ -84,9 +84,8 @@ def score(bins, path, args) -> list[float]:
 
 def task_scores(path, args) -> dict:
     model = convert.load_model(str(path))
-    res = report.score_tasks(model, convert.load_tokenizer(str(path)), report.task_names(args.tasks),
-                             limit=args.limit, progress=False)
-    return {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in res.items()}
+    return report.task_summary(report.score_tasks(model, convert.load_tokenizer(str(path)),
+                                                  report.task_names(args.tasks), limit=args.limit, progress=False))
 
 
 def headline(scores: dict) -> dict:

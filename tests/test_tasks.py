@@ -96,13 +96,19 @@ EXPECTED = {
 CORPUS = [" ".join(r for d in docs for r in map(str, d.values())) for docs in DOCS.values()] * 20
 
 
+def write_task(root, name, docs):
+    """docs as the task's Arrow file under root, in the stream format `datasets` writes."""
+    d = root / report.TASKS[name].path / "validation"
+    d.mkdir(parents=True)
+    table = pa.Table.from_pylist(docs)
+    with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    return root
+
+
 def write_tasks(root):
     for name, docs in DOCS.items():
-        d = root / report.TASKS[name].path / "validation"
-        d.mkdir(parents=True)
-        table = pa.Table.from_pylist(docs)
-        with pa.OSFile(str(d / "data-00000-of-00001.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-            w.write_table(table)
+        write_task(root, name, docs)
     return root
 
 
@@ -155,13 +161,14 @@ def test_prompts_are_the_harness_prompts(tasks_dir):
         report.load_docs("piqa", str(tasks_dir / "nowhere"))
 
 
-def reference_scores(path, tasks_dir):
-    """Plain: per request, the harness's token split, one unpadded forward of the transformers model, the full
-    logits' log-softmax, the continuation's log-probabilities gathered and summed."""
+def reference_scores(path, tasks_dir, names=DOCS, max_len=None):
+    """Plain: per request, the harness's token split and left truncation to max_len + 1 tokens, one unpadded
+    forward of the transformers model, the full logits' log-softmax, the continuation's log-probabilities gathered
+    and summed."""
     tok = transformers.AutoTokenizer.from_pretrained(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = {}
-    for name in DOCS:
+    for name in names:
         lls, accs, norms = [], [], []
         for doc in report.load_docs(name, str(tasks_dir)):
             requests, _, gold = report.TASKS[name].requests(doc)
@@ -172,9 +179,10 @@ def reference_scores(path, tasks_dir):
                     context, continuation = context[:-n], context[-n:] + continuation
                 ctx = tok.encode(context)
                 cont = tok.encode(context + continuation)[len(ctx):]
+                inp = (ctx + cont)[-(max_len + 1):][:-1] if max_len else (ctx + cont)[:-1]
                 with torch.no_grad():
-                    logp = hf(torch.tensor([ctx + cont[:-1]])).logits[0].log_softmax(-1)
-                ll.append(logp[len(ctx) - 1:].gather(-1, torch.tensor(cont)[:, None]).sum().item())
+                    logp = hf(torch.tensor([inp])).logits[0].log_softmax(-1)
+                ll.append(logp[-len(cont):].gather(-1, torch.tensor(cont)[:, None]).sum().item())
             lls.append(ll)
             accs.append(np.argmax(ll) == gold)
             norms.append(np.argmax(np.array(ll) / [len(c) - 1 for _, c in requests]) == gold)
@@ -203,6 +211,41 @@ def test_scores_match_a_plain_implementation(model_dir, tasks_dir):
         x = np.array([float(np.argmax(v) == g) for v, g in zip(r["ll"], r["gold"])])
         assert r["acc_stderr"] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else np.nan,
                                                 nan_ok=True)
+
+
+def test_truncated_contexts_duplicate_choices_and_precision(tmp_path, tasks_dir):
+    make_hf("llama_gqa", tmp_path, vocab_size=300, max_position_embeddings=20)  # contexts longer than the model
+    make_tokenizer(tmp_path, bos=True)
+    tok, model = convert.load_tokenizer(str(tmp_path)), convert.load_model(str(tmp_path))
+    names = ["sciq", "boolq", "arc_easy"]
+    ours = report.score_tasks(model, tok, names, str(tasks_dir), progress=False)
+    ref = reference_scores(tmp_path, tasks_dir, names, max_len=20)
+    for name in names:
+        for a, b in zip(ours[name]["ll"], ref[name][0]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+    # two choices with one text: one score for both, and the first of them is the prediction
+    dup = write_task(tmp_path / "dup", "piqa", [dict(DOCS["piqa"][0], sol2=DOCS["piqa"][0]["sol1"])])
+    r = report.score_tasks(model, tok, ["piqa"], str(dup), progress=False)["piqa"]
+    assert r["ll"][0][0] == r["ll"][0][1] and r["acc"] == 1.0
+    # no dtype: the caller's precision, autocast included (a run scores inside its own); dtype: autocast to it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = report.score_tasks(model, tok, ["piqa"], str(tasks_dir), progress=False)["piqa"]["ll"]
+    bf16 = report.score_tasks(model, tok, ["piqa"], str(tasks_dir), dtype=torch.bfloat16, progress=False)
+    fp32 = report.score_tasks(model, tok, ["piqa"], str(tasks_dir), progress=False)["piqa"]["ll"]
+    assert inside == bf16["piqa"]["ll"] and inside != fp32
+    assert report.task_names("piqa, piqa,copa") == ["piqa", "copa"]
+
+
+def test_a_context_of_no_tokens_or_a_continuation_too_long_is_refused(tmp_path):
+    make_hf("llama_gqa", tmp_path, vocab_size=300, max_position_embeddings=4)
+    make_tokenizer(tmp_path, bos=False)  # no BOS: an all-space context encodes to nothing
+    tok, model = convert.load_tokenizer(str(tmp_path)), convert.load_model(str(tmp_path))
+    assert report.encode(tok, "", " yes") == ([tok.bos_token_id], tok.encode(" yes"))  # empty: the BOS
+    with pytest.raises(ValueError, match="encodes to no token"):
+        report.encode(tok, "   ", " yes")
+    docs = write_task(tmp_path / "long", "piqa", [dict(DOCS["piqa"][0], sol1="Twist the lid slowly until it opens.")])
+    with pytest.raises(ValueError, match="longer than the model's 4 positions"):
+        report.score_tasks(model, tok, ["piqa"], str(docs), progress=False)
 
 
 def test_pack_scores_every_continuation_token_once():
