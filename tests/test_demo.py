@@ -52,7 +52,8 @@ def test_make_demo_pipeline(tmp_path):
                        "--eval_interval=2", "--save_interval=2", "--log_interval=1"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     (write_tasks(tmp_path / "tasks") / ".done").touch()  # small stand-ins for the tasks' data: no download
-    args = [f"GGUF={tmp_path / 'tiny.gguf'}", f"TASKS_DIR={tmp_path / 'tasks'}", f"DEFAULT_MODEL={tmp_path / 'model'}", f"DEMO_DATA={tmp_path / 'data'}",
+    args = [f"GGUF={tmp_path / 'tiny.gguf'}", f"TASKS_DIR={tmp_path / 'tasks'}", f"DEFAULT_MODEL={tmp_path / 'model'}",
+            f"DEMO_DATA={tmp_path / 'data'}",
             f"DEMO_OUT={tmp_path / 'out'}", "PREPARE_ARGS=--max-tokens-per-domain 20000 --val-tokens 3000 --quiet",
             f"DEMO_ARGS={shrink}"]
     r = subprocess.run(["make", "--no-print-directory", "demo", *args], cwd=ROOT, env=env, capture_output=True,
