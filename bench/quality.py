@@ -122,7 +122,8 @@ def main():
     ap.add_argument("--batches", type=int, default=4, help="scoring: batches per domain (4 x 8 x 128 = the first "
                     "4,096 tokens of each domain's validation split, the same for every model; the runs' own "
                     "evaluations use its first 512)")
-    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,sciq,winogrande", help="downstream tasks scored")
+    ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,sciq,winogrande",
+                    help="downstream tasks scored (\"\": none)")
     ap.add_argument("--limit", type=int, default=200, help="downstream: the first N validation examples of each")
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
@@ -154,6 +155,8 @@ def main():
         return cache[key]["losses"]
 
     def cached_tasks(key, path):
+        if not args.tasks:
+            return None
         key, task_setting = f"{key}/tasks", [args.tasks, args.limit]
         if cache.get(key, {}).get("setting") != task_setting:
             t0 = time.time()
@@ -201,9 +204,10 @@ def main():
                 domains=np.mean([r[when] for r in rs], axis=0).tolist(),
                 **{k: float(np.mean([s[k] for s in per_seed])) for k in ("mean", "worst", "spread")},
                 **{f"{k}_seeds": [s[k] for s in per_seed] for k in ("mean", "worst")},
-                tasks={k: float(np.mean([headline(r[f"{when}_tasks"])[k] for r in rs]))
-                       for k in headline(rs[0][f"{when}_tasks"])},
-                tasks_average_seeds=[headline(r[f"{when}_tasks"])["average"] for r in rs])
+                **(dict(tasks={k: float(np.mean([headline(r[f"{when}_tasks"])[k] for r in rs]))
+                               for k in headline(rs[0][f"{when}_tasks"])},
+                        tasks_average_seeds=[headline(r[f"{when}_tasks"])["average"] for r in rs])
+                   if args.tasks else {}))
     base = table[methods[0]]
     for r in runs:  # continued-pretraining tokens to reach the first variant's final mean loss, same seed
         goal = next(b for b in runs if b["method"] == methods[0] and b["seed"] == r["seed"])["cpt_curve"]
@@ -270,17 +274,18 @@ def markdown(res, base_name) -> str:
                          f"| {t['worst']:.3f} ({', '.join(f'{v:.3f}' for v in t['worst_seeds'])}) "
                          f"| {t['spread']:.3f} {rel}|")
         lines.append("")
-    names = list(headline(res["source_tasks"]))
-    lines += [f"**downstream accuracy** (%, zero-shot, the first {res['scoring']['limit']} validation examples of each "
-              "task, acc_norm where lm-evaluation-harness reports it, else acc; mean over seeds, each seed's average "
-              "in brackets)", "", "| method | model | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|",
-              "| source model | | " + " | ".join(f"{100 * v:.1f}" for v in headline(res["source_tasks"]).values()) +
-              " |"]
-    for m, t in res["table"].items():
-        for when in ("pruned", "final"):
-            lines.append(f"| {m} | {when} | " + " | ".join(f"{100 * v:.1f}" for v in t[when]["tasks"].values()) +
-                         f" ({', '.join(f'{100 * v:.1f}' for v in t[when]['tasks_average_seeds'])}) |")
-    lines.append("")
+    if res["source_tasks"]:  # (--tasks "": none scored)
+        names = list(headline(res["source_tasks"]))
+        lines += [f"**downstream accuracy** (%, zero-shot, the first {res['scoring']['limit']} validation examples of "
+                  "each task, acc_norm where lm-evaluation-harness reports it, else acc; mean over seeds, each seed's "
+                  "average in brackets)", "", "| method | model | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 2) + "|", "| source model | | " +
+                  " | ".join(f"{100 * v:.1f}" for v in headline(res["source_tasks"]).values()) + " |"]
+        for m, t in res["table"].items():
+            for when in ("pruned", "final"):
+                lines.append(f"| {m} | {when} | " + " | ".join(f"{100 * v:.1f}" for v in t[when]["tasks"].values()) +
+                             f" ({', '.join(f'{100 * v:.1f}' for v in t[when]['tasks_average_seeds'])}) |")
+        lines.append("")
     if any("cpt_tokens_to_baseline" in r for r in res["runs"]):
         seeds = sorted({r["seed"] for r in res["runs"]})
         lines += [f"**continued-pretraining tokens to reach {base_name}'s final mean validation loss** (on the runs' "

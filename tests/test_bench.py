@@ -43,7 +43,7 @@ def test_quality_sweep_on_the_tiny_model(setup, tmp_path):
                "--config", "config/tiny.py", "--model", str(root / "model"), "--data_dir", str(root / "data"),
                "--prune_steps", "4", "--cpt_steps", "4", "--eval_interval", "2", "--save_interval", "2",
                "--extra", " ".join(TARGET + ["--reference_loss=1,2,5"]),
-               "--seq_len", "32", "--batch_size", "4", "--batches", "2",
+               "--seq_len", "32", "--batch_size", "4", "--batches", "2", "--tasks", "",  # (no tokenizer here)
                "--out", str(tmp_path / "q"), "--results", str(tmp_path / "res"), "--plot", str(tmp_path / "q.png"))
     res = json.loads((tmp_path / "res" / "quality-recovery.json").read_text())
     assert [r["method"] for r in res["runs"]] == ["ce", "kd+teacher+importance"]
