@@ -1,7 +1,9 @@
 """
-Measuring models and runs: per-domain validation loss, the loss table, the plots of a run, and two commands.
+Measuring models and runs: per-domain validation loss, zero-shot downstream accuracy (scored as lm-evaluation-harness
+0.4 scores its tasks of the same names), the tables, the plots of a run, and two commands.
 
     python report.py eval MODEL [MODEL ...] --data_dir=data/demo   # per-domain validation loss / perplexity
+    python report.py eval MODEL [MODEL ...] --tasks all --limit 500  # downstream accuracy (make tasks: the data)
     python report.py report out/demo                               # what a run did: source, pruned, final models
     (python train.py eval ... and python train.py report ... hand off to these)
 
@@ -360,7 +362,8 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
     # dtype None: the caller's precision, autocast included (train.py scores inside its own)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     bar = tqdm(total=steps, desc=f"scoring {len(examples)} examples of {', '.join(names)}", unit="batch",
-               disable=not progress or rank != 0, leave=False)
+               disable=not progress or rank != 0, leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not every batch
     for i in range(steps):
         idx, pos, mask, targets, req = batch_tensors(mine[i] if i < len(mine) else work[0])  # (spare: not counted)
         with autocast:
