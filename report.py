@@ -288,7 +288,6 @@ def pack(requests: list[list[tuple[list[int], list[int]]]], max_len: int, row_to
         first = seqs[0][0]
         for full, _, _ in seqs[1:]:
             shared = min(shared, next((i for i, (a, b) in enumerate(zip(first, full)) if a != b), len(full)))
-        shared = max(shared, 0)
         toks = [(t, p, 0, -100, -1) for p, t in enumerate(first[:shared])]
         for b, (full, start, req) in enumerate(seqs, 1):
             toks += [(full[p], p, b, full[p + 1] if p + 1 >= start else -100, req if p + 1 >= start else -1)
@@ -389,6 +388,11 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
             res.update(_mean_stderr("acc_norm", [float(np.argmax(x / n) == g) for x, n, g in rs]))
         out[name] = {**res, "ll": [x.tolist() for x, _, _ in rs], "gold": [g for _, _, g in rs]}
     return out
+
+
+def headline(results: dict) -> dict:
+    """{task: accuracy} as papers quote them: acc_norm where the harness reports it, else acc."""
+    return {n: r.get("acc_norm", r["acc"]) for n, r in results.items()}
 
 
 def task_summary(results: dict) -> dict:
@@ -503,10 +507,10 @@ def report_main(argv) -> int:
     print(loss_table(bins.domains, rows))
     metrics = run.read_metrics()
     scored = [r for r in metrics if "tasks" in r]  # the run's own (eval_tasks)
-    for limit in dict.fromkeys(r.get("tasks_limit", c.get("eval_tasks_limit", 0)) for r in scored):
+    for limit in dict.fromkeys(r["tasks_limit"] for r in scored):
         print(f"\ndownstream, zero-shot, {f'the first {limit}' if limit else 'all'} validation examples of each task:")
         print(task_table({r["tasks_model"]: r["tasks"] for r in scored
-                          if r.get("tasks_limit", c.get("eval_tasks_limit", 0)) == limit}))
+                          if r["tasks_limit"] == limit}))
     for stage in STAGES:
         w = [r for r in metrics if r["stage"] == stage and "weight/" + bins.domains[0] in r]
         if w:

@@ -479,7 +479,7 @@ class Run:
         self.record(dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, tasks_model=label,
                          tasks_limit=c.eval_tasks_limit, tasks=res))
         self.log(f"{label} model, zero-shot: " + ", ".join(
-            f"{n} {100 * r.get('acc_norm', r['acc']):.1f}" for n, r in res.items()) +
+            f"{n} {100 * v:.1f}" for n, v in report.headline(res).items()) +
             f" (acc_norm where the task has it, else acc; {time.perf_counter() - t:.0f} s)")
 
     def load_source(self, path) -> tuple[ModelConfig, dict | None]:

@@ -89,8 +89,8 @@ def task_scores(path, args) -> dict:
 
 
 def headline(scores: dict) -> dict:
-    """{task: accuracy}: acc_norm where the harness reports it, else acc (as papers quote them); and their mean."""
-    acc = {n: r.get("acc_norm", r["acc"]) for n, r in scores.items()}
+    """report.headline's {task: accuracy} and their mean."""
+    acc = report.headline(scores)
     return {**acc, "average": float(np.mean(list(acc.values())))}
 
 
