@@ -28,7 +28,19 @@ Three kinds of masks: `l0()` in training mode samples; `l0.eval()()` gives `expe
 round(sum P(z > 0)) units with the largest log_alpha, i.e. the model of the size the masks currently describe
 (the original's eval_target_model=false), which is what validation while pruning measures and what the dynamic
 reference loss pairs with the expected sparsity; `deterministic_masks()` keeps exactly the target's units per row,
-for compaction. Both are binary, so the masked model equals the compacted one.
+for compaction. A kept unit's value is `values`: "soft", the deterministic gate value sigmoid(0.8 log_alpha / beta)
+= sigmoid(1.2 log_alpha) (the original's; about E[z], what training multiplied the unit by on average), or
+"binary", 1. model.prune folds either into the weights, so the masked model equals the compacted one.
+
+Landing. The Lagrangian pulls the expected sparsity towards the target but lags it: a short run ends with some mask
+types above their target and others below (docs/results.md). For the last `landing_steps` of pruning, `land_(step)`
+replaces the Lagrangian (train.py skips it): after every optimizer step it shifts each row's log_alpha by one
+constant, so that the row's expected kept count sum P(z > 0) moves to the target's, closing what is left of the gap
+linearly over the first half of the landing and holding it exactly in the second. A shift keeps the order of the
+units, so the data gradient still decides which units go, the projection only how many; at the end the expected-
+size masks are the compaction's masks, and compaction cuts nothing the gates still used. With log_alpha clamped to
+[ln 0.01, ln 100] a closed gate still has P(z > 0) = 0.047, so holding sum P = k keeps the kept gates a little below
+the top of the range; the soft kept values fold what that costs them into the weights.
 
 Distributed. The module is tiny: keep it replicated in fp32 on every rank, outside FSDP and outside mixed
 precision (bf16 would move log_alpha's init from ln 100 = 4.605 to 4.594 and double the expected sparsity at init);
@@ -197,15 +209,38 @@ class HardConcrete(nn.Module):
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.temperature)
         return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0, 1)
 
+    def soft_value(self) -> torch.Tensor:
+        # the original's deterministic gate value: sigmoid(log_alpha * magical_number / beta), magical_number 0.8
+        return torch.sigmoid(self.log_alpha * 0.8 / self.temperature)
+
     @torch.no_grad()
-    def keep_top(self, k) -> torch.Tensor:
-        """Binary mask keeping the k largest log_alpha of each row (last axis), ties to the lower index; k is an int
-        or a tensor with one count per row. Kept values are exactly 1, so folding them changes nothing."""
+    def keep_top(self, k, values: str = "binary") -> torch.Tensor:
+        """Mask keeping the k largest log_alpha of each row (last axis), ties to the lower index; k is an int or a
+        tensor with one count per row. Kept units get 1 (values="binary") or soft_value() ("soft")."""
         la = self.log_alpha.detach().reshape(-1, self.log_alpha.shape[-1])
         order = torch.argsort(-la, dim=-1, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(la.shape[-1], device=la.device).expand_as(order))
         k = torch.as_tensor(k, device=la.device).reshape(-1, 1)
-        return (rank < k).to(la.dtype).reshape(self.log_alpha.shape)
+        keep = (rank < k).to(la.dtype).reshape(self.log_alpha.shape)
+        return keep * self.soft_value().detach() if values == "soft" else keep
+
+    @torch.no_grad()
+    def shift_to_count_(self, count: torch.Tensor):
+        """Add one constant per row to log_alpha (then clamped to its range) so that the row's sum P(z > 0) is
+        `count` (one per row), by bisection: the sum rises monotonically with the constant. A count outside what the
+        range allows ([0.047, 0.998] per unit) gets the nearest end."""
+        n = self.log_alpha.shape[-1]
+        la = self.log_alpha.detach().reshape(-1, n).double()
+        lo, hi = self.log_alpha_range
+        shift = self.temperature * math.log(-self.limit_l / self.limit_r)  # as in prob_nonzero
+        count = torch.as_tensor(count, dtype=la.dtype, device=la.device).reshape(-1, 1).expand(la.shape[0], 1)
+        a = torch.full_like(count, lo - hi)  # every unit at the bottom of the range
+        b = torch.full_like(count, hi - lo)  # every unit at the top
+        for _ in range(60):  # the bracket halves each time: 60 halvings reach float64's resolution
+            c = (a + b) / 2
+            high = torch.sigmoid((la + c).clamp(lo, hi) - shift).sum(-1, keepdim=True) > count
+            a, b = torch.where(high, a, c), torch.where(high, c, b)
+        self.log_alpha.copy_((la + (a + b) / 2).clamp(lo, hi).view_as(self.log_alpha))
 
     @torch.no_grad()
     def constrain_(self):
@@ -232,14 +267,22 @@ def mask_generator(seed: int, step: int, row: int) -> torch.Generator:
 
 class L0Module(nn.Module):
     def __init__(self, cfg: ModelConfig, target: TargetShape, masks=MASKS, warmup_steps: int = 0,
-                 start_sparsity: float = 0.0):
+                 start_sparsity: float = 0.0, values: str = "binary", steps: int = 0, landing_steps: int = 0):
+        """warmup_steps: of the target-sparsity schedule; values: "soft" | "binary", the kept units' value in
+        expected_masks and deterministic_masks; steps, landing_steps: the pruning stage's length and its last
+        steps that land on the target (land_)."""
         super().__init__()
         target.validate(cfg)
         unknown = set(masks) - set(MASKS)
         if unknown or not masks:
             raise ValueError(f"unknown pruning masks {sorted(unknown)}; choose from {MASKS}")
+        if values not in ("soft", "binary"):
+            raise ValueError(f"mask values {values!r}: choose soft or binary")
+        if not 0 <= landing_steps <= steps:
+            raise ValueError(f"landing_steps={landing_steps} must be in [0, steps={steps}]")
         self.cfg, self.target = cfg, target
         self.warmup_steps, self.start_sparsity = warmup_steps, start_sparsity
+        self.values, self.steps, self.landing_steps = values, steps, landing_steps
         L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
         # name -> (mask shape, number of units kept per row at the target)
         spec = {"layer": ((L,), target.num_hidden_layers), "head": ((L, nkv), target.num_key_value_heads),
@@ -303,12 +346,30 @@ class L0Module(nn.Module):
     def expected_masks(self) -> dict:
         """Binary masks of the size the gates currently describe: per row the round(sum P(z > 0)) units with the
         largest log_alpha (ties to the lower index). Used to evaluate while pruning."""
-        return {f"{m}_z": self.z[m].keep_top(self.z[m].prob_nonzero().sum(-1).round()) for m in self.names}
+        return {f"{m}_z": self.z[m].keep_top(self.z[m].prob_nonzero().sum(-1).round(), self.values)
+                for m in self.names}
 
     @torch.no_grad()
     def deterministic_masks(self) -> dict:
-        """Binary masks keeping exactly the target's units per row: what compaction (model.prune) uses."""
-        return {f"{m}_z": self.z[m].keep_top(self.keep[m]) for m in self.names}
+        """Masks keeping exactly the target's units per row: what compaction (model.prune) uses."""
+        return {f"{m}_z": self.z[m].keep_top(self.keep[m], self.values) for m in self.names}
+
+    def landing(self, step: int) -> bool:
+        """Whether `step` is one of the last landing_steps of pruning, where land_ holds the target."""
+        return self.landing_steps > 0 and step >= self.steps - self.landing_steps
+
+    @torch.no_grad()
+    def land_(self, step: int):
+        """After the optimizer step of `step` in the landing (else a no-op): move each row's expected kept count
+        towards the target's by shifting its log_alpha, by 1 / (steps left in the first half of the landing) of the
+        remaining gap, and onto it exactly from there on (see the module doc)."""
+        if not self.landing(step):
+            return
+        left = math.ceil(self.landing_steps / 2) - (step - (self.steps - self.landing_steps))
+        for m in self.names:
+            z = self.z[m]
+            count = z.prob_nonzero().detach().sum(-1).double()
+            z.shift_to_count_(count + (self.keep[m] - count) / max(1, left))
 
     def constrain_(self):
         """Keep log_alpha in [ln 0.01, ln 100]; call after every optimizer step."""

@@ -499,9 +499,6 @@ def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConf
     if len(n_kv) != 1 or len(n_int) != 1 or 0 in n_kv or 0 in n_int:
         raise ValueError(f"kept layers must keep the same, non-zero number of key/value groups and MLP channels "
                          f"(got {sorted(n_kv)} and {sorted(n_int)}); use l0.L0Module.deterministic_masks()")
-    if cfg.tie_word_embeddings and not torch.all(hid_z[kh] == 1):
-        raise ValueError("tied embeddings need hidden_z kept values of exactly 1 (the shared matrix would "
-                         "absorb the mask twice)")
     group = cfg.num_attention_heads // nkv
     n_kv = n_kv.pop()
     # __post_init__ checks what a Hugging Face config of this family can express
@@ -543,9 +540,11 @@ def prune_state_dict(cfg: ModelConfig, sd: dict, masks: dict) -> tuple[ModelConf
         k = "mlp.down_proj"
         put(dst + k + ".weight", src + k + ".weight", lambda w: w[kh][:, ch] * int_z[i][ch] * out_scale)
         put(dst + k + ".bias", src + k + ".bias", lambda w: w[kh] * out_scale[:, 0])
+    # the final norm's output carries hidden_z into lm_head: folded into lm_head's columns, not into the norm, so
+    # that a tied lm_head, which is the compacted embedding (already scaled by hidden_z), needs nothing more
     for p in (".weight", ".bias"):
-        put("model.norm" + p, "model.norm" + p, lambda w: w[kh] * z_h)
-    put("lm_head.weight", "lm_head.weight", lambda w: w[:, kh])  # (untied) its input, the final norm, carries hidden_z
+        put("model.norm" + p, "model.norm" + p, lambda w: w[kh])
+    put("lm_head.weight", "lm_head.weight", lambda w: w[:, kh] * z_h)  # (untied)
     return new_cfg, out
 
 
