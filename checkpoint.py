@@ -452,7 +452,9 @@ def load_run(path: str) -> tuple[ModelConfig, dict, str]:
     dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
     sd = sd["model"]
     if state["stage"] == "prune":
-        l0 = L0Module(cfg, TargetShape.resolve(cfg, **state["config"]))
+        # the run's kept values (runs from before mask_values compacted with binary ones)
+        l0 = L0Module(cfg, TargetShape.resolve(cfg, **state["config"]),
+                      values=state["config"].get("mask_values", "binary"))
         l0.load_state_dict(state["l0"])
         cfg, sd = prune_state_dict(cfg, sd, l0.deterministic_masks())
     return cfg, sd, state["src_path"]

@@ -56,7 +56,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
-    extra: dict = field(default_factory=dict)  # HF fields we carry through unchanged (e.g. pad_token_id)
+    extra: dict = field(default_factory=dict)  # HF fields we carry through unchanged (pad_token_id, initializer_range)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED:
@@ -142,7 +142,7 @@ class ModelConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
-            extra={"pad_token_id": d["pad_token_id"]} if d.get("pad_token_id") is not None else {},
+            extra={k: d[k] for k in ("pad_token_id", "initializer_range") if d.get(k) is not None},
         )
 
     def to_hf(self) -> dict:
@@ -449,6 +449,26 @@ class Transformer(nn.Module):
             out_z = hidden_z if layer_z is None else layer_z[i] if hidden_z is None else layer_z[i] * hidden_z
             x = layer(x, cos, sin, hidden_z=hidden_z, hidden_n=hidden_n, out_z=out_z, attn_mask=attn_mask, **z)
         return self.model.norm(x, hidden_z, hidden_n)  # (B, T, d)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None):
+        """Random weights as Hugging Face initialises these families (PreTrainedModel._init_weights): every Linear
+        and the embedding N(0, initializer_range) (the config's, else 0.02, the families' default), biases 0, norm
+        weights 1, the padding token's embedding 0. For training the shape from scratch (train.py from_scratch)."""
+        std = float(self.config.extra.get("initializer_range", 0.02))
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)) and not (mod is self.lm_head and self.config.tie_word_embeddings):
+                mod.weight.normal_(0.0, std, generator=generator)
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.zero_()
+            if isinstance(mod, Norm):
+                mod.weight.fill_(1.0)
+                if mod.bias is not None:
+                    mod.bias.zero_()
+        pad = self.config.extra.get("pad_token_id")
+        if isinstance(pad, int) and 0 <= pad < self.config.vocab_size:
+            self.model.embed_tokens.weight[pad].zero_()
+        return self
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -77,8 +77,13 @@ class TrainConfig:
     target_intermediate_size: int = 0
     target_params: float = 0  # or a budget: total parameters (1.3e9) or a fraction of the source's (0.4); sets the
     #                           target_* shape by l0.TargetShape.from_budget (width first, then depth)
-    mask_init: str = "uniform"  # uniform (every log_alpha at ln 100) | importance (ranked by activations, see l0.py)
+    mask_init: str = "uniform"  # uniform (every log_alpha at ln 100) | importance (ranked by activations, see l0.py);
+    #                             with prune_steps=0, importance is one-shot pruning: compact straight from the ranking
     mask_init_batches: int = 4  # global batches of the initial mixture for the importance pass
+    mask_values: str = "soft"  # kept units at evaluation and compaction: soft (the gate value sigmoid(1.2 log_alpha)
+    #                            folded into the weights, as the original) | binary (1); one-shot pruning: binary
+    from_scratch: bool = False  # the control: train init_from's architecture at the target shape from random weights
+    #                             (as Hugging Face initialises the family), with prune_steps=0: cpt_steps is the budget
     # domain weighting (dro.parse_method): constant | sheared | bandit | dro[+eval][+dy][+dyall]
     domain_weighting: str = "dro+eval"
     # per domain: {name: value} (or a list in the data's domain order)
@@ -87,6 +92,10 @@ class TrainConfig:
     #                                                  "teacher": the source model's validation loss per domain
     rho: float = 0.1  # radius of the chi^2 ball
     min_prob: float = 0.2  # every domain keeps >= min_prob x its reference share
+    loss_ema: float = 0.1  # rate of the training-loss EMA the weighter reads (without +eval), per optimizer step
+    #                        (the original: per micro-batch, so its horizon depends on the world size; docs/method.md)
+    rescale_reference: bool = True  # when every domain is below its reference, scale the references by 0.9, 0.8, ...
+    #                                 until one is not (the original's rule; it changes the weights, dro.py)
     # pruning stage
     prune_steps: int = 3200
     prune_batch_size: int = 32  # sequences per optimizer step, over all ranks
@@ -97,6 +106,8 @@ class TrainConfig:
     lag_lr: float = 1.0  # learning rate of log_alpha and lambda (lambda ascends through gradient reversal)
     lambda_lr: float = 0.0  # learning rate of lambda alone; 0 = lag_lr (the reference)
     lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
+    prune_landing: float = 0.1  # the last fraction of the pruning steps, in which a projection replaces the
+    #                             Lagrangian and lands every mask exactly on its target (l0.py); 0 = off (the original)
     # distillation from the source model (a frozen teacher): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
     distill_alpha: float = 0.0  # 0 = off: plain cross-entropy
     teacher: str = ""  # the model distilled from and measured for reference_loss="teacher"; "" = init_from
@@ -114,7 +125,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # global norm over the model's gradients; 0 = off
+    grad_clip: float = 1.0  # one global norm over the model's and the masks' and lambdas' gradients; 0 = off
     # evaluation, logging, checkpoints
     eval_interval: int = 50
     eval_batches: int = 8  # per domain
@@ -146,8 +157,14 @@ class TrainConfig:
                      "log_interval", "save_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.prune_steps == self.cpt_steps == 0:
+        if self.prune_steps == self.cpt_steps == 0 and not self.one_shot:
             raise ConfigError("prune_steps and cpt_steps are both 0: nothing to do")
+        if not 0 <= self.prune_landing <= 1 or not 0 < self.loss_ema <= 1:
+            raise ConfigError(f"prune_landing={self.prune_landing} must be in [0, 1] and loss_ema={self.loss_ema} in "
+                              "(0, 1]")
+        if self.from_scratch and (self.prune_steps or self.mask_init != "uniform"):
+            raise ConfigError("from_scratch trains the target shape directly: set prune_steps=0 (and mask_init="
+                              "uniform) and give the token budget to cpt_steps")
         try:
             dro.parse_method(self.domain_weighting)
         except ValueError as e:
@@ -167,9 +184,15 @@ class TrainConfig:
         if self.target_params < 0 or self.mask_init_batches < 1:
             raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
-                              ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance"))):
+                              ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance")),
+                              ("mask_values", ("soft", "binary"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
+
+    @property
+    def one_shot(self) -> bool:
+        """prune_steps=0 with mask_init=importance: a pruning stage of no steps compacts by the importance ranking."""
+        return self.prune_steps == 0 and self.mask_init == "importance"
 
     @property
     def teacher_reference(self) -> bool:
@@ -185,7 +208,7 @@ RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_inte
              "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
-                   "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
+                   "from_scratch", "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
                    "target_intermediate_size"}
 
 
@@ -373,7 +396,7 @@ def stages_of(cfg: TrainConfig) -> list[Stage]:
     out, offset = [], 0
     for name in STAGES:
         steps = getattr(cfg, f"{name}_steps")
-        if steps:
+        if steps or name == "prune" and cfg.one_shot:  # one-shot: a pruning stage of 0 steps, compaction alone
             out.append(Stage(name, steps, *(getattr(cfg, f"{name}_{k}") for k in
                                             ("batch_size", "micro_batch_size", "seq_len", "lr", "warmup")), offset))
             offset += steps
@@ -506,7 +529,8 @@ class Run:
     def make_weighter(self, reference) -> dro.DomainWeighter:
         c = self.cfg
         return dro.DomainWeighter(self.domains, self.p0, c.domain_weighting, reference, rho=c.rho,
-                                  min_prob=c.min_prob, seed=c.seed)
+                                  min_prob=c.min_prob, ema=c.loss_ema, rescale_reference=c.rescale_reference,
+                                  seed=c.seed)
 
     def make_l0(self, mcfg: ModelConfig) -> L0Module:
         c = self.cfg
@@ -515,7 +539,10 @@ class Run:
             if c.target_params:
                 self.log(f"target_params={c.target_params:g} -> target {report.describe(target)} "
                          f"({total_params(mcfg, target) / 1e6:,.1f}M parameters)")
-            l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps))
+            # one-shot: the gates never learned a value, only the ranking decides (binary kept values)
+            l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps),
+                          values="binary" if c.one_shot else c.mask_values, steps=c.prune_steps,
+                          landing_steps=math.ceil(c.prune_landing * c.prune_steps))
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
         return l0.to(self.device)
@@ -541,6 +568,21 @@ class Run:
             opts.append(opt)
             peaks.append([c.lag_lr, lam_lr])
         return opts, peaks
+
+    def scratch_model(self, mcfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
+        """from_scratch: mcfg's family at the target shape, randomly initialised (rank 0; seeded by the run's seed)."""
+        try:
+            target = TargetShape.resolve(mcfg, **asdict(self.cfg))
+            target.validate(mcfg)
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
+        mcfg = replace(mcfg, **asdict(target), head_dim=mcfg.head_dim)
+        sd = None
+        if self.master:
+            sd = Transformer(mcfg).init_weights(torch.Generator().manual_seed(self.cfg.seed)).state_dict()
+        self.log(f"from_scratch: {report.describe(mcfg)} ({total_params(mcfg) / 1e6:,.1f}M parameters), random "
+                 f"weights N(0, {mcfg.extra.get('initializer_range', 0.02)}) as Hugging Face initialises the family")
+        return mcfg, sd
 
     def init_masks_from_importance(self, model, l0: L0Module, stage: Stage):
         """log_alpha from activation importance over mask_init_batches global batches of the initial mixture,
@@ -585,6 +627,8 @@ def train(run: Run, ckpt: str | None):
         tcfg, tsd = (mcfg, sd) if teacher_path == run.src_path and state is None else run.load_source(teacher_path)
         run.teacher = build_model(tcfg, tsd if run.master else None, c, run.device, run.world, frozen=True)
         del tsd
+    if c.from_scratch and state is None:  # the source gave the family, the tokenizer (and the teacher)
+        mcfg, sd = run.scratch_model(mcfg)
     if run.master and c.wandb_project:
         try:
             import wandb
@@ -677,9 +721,10 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
         if step == 0 or step > first:  # (a resumed step's evaluation and checkpoint are in the files already)
             if step == 0 or step % c.eval_interval == 0 or last_step:
                 evaluate_and_update(run, st, update=step > 0)
+            compacted = stage.name == "cpt" and run.stages[0].name == "prune"
             if step == 0 and run.tasks:  # the model entering the stage (again after a resume at step 0)
-                run.score_tasks(st.model, None, "pruned" if stage.offset else "source", st)
-            if step == 0 and stage.offset and not st.resumed:  # right after compaction: never prune twice
+                run.score_tasks(st.model, None, "pruned" if compacted else "source", st)
+            if step == 0 and compacted and not st.resumed:  # right after compaction: never prune twice
                 save(run, st)
             elif 0 < step < stage.steps and step % c.save_interval == 0:
                 save(run, st)
@@ -743,7 +788,8 @@ def train_step(run: Run, st: StageState) -> dict:
         loss_sums.index_add_(0, dom[i:i + mb], ce.detach().double().sum(1))
         counts.index_add_(0, dom[i:i + mb], (yi != -100).sum(1).double())
     if l0 is not None:
-        l0.lagrangian(step).backward()
+        if not l0.landing(step):  # in the landing, land_ holds the target instead (below)
+            l0.lagrangian(step).backward()
         l0.all_reduce_grads_()
     # one all-reduce per step: per-domain loss sums and token counts, the distillation objective's sum, and
     # whether any rank got SIGTERM (so that every rank stops at the same step boundary)
@@ -754,8 +800,7 @@ def train_step(run: Run, st: StageState) -> dict:
     kd_loss = float(kd_sum / counts.sum()) if st.kd else None
     if kd_loss is not None and not math.isfinite(kd_loss):
         loss = kd_loss
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-    gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+    gnorm = clip_grad_norm(model, l0, c.grad_clip)
     for what, v in (("training loss", loss), ("gradient norm", gnorm)):
         if not math.isfinite(v):  # before the step: no NaN ever reaches the weights or a checkpoint
             raise FloatingPointError(
@@ -765,10 +810,29 @@ def train_step(run: Run, st: StageState) -> dict:
     for opt in st.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if l0 is not None:
+        l0.land_(step)
     st.weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
     row = dict(loss=loss, lr=stage.lr * f, grad_norm=gnorm, **({"distill_loss": kd_loss} if st.kd else {}))
     row.update({f"train/{n}": float(s / k) for n, s, k in zip(run.domains, loss_sums.tolist(), counts.tolist()) if k})
     return row
+
+
+def clip_grad_norm(model, l0: L0Module | None, max_norm: float) -> float:
+    """Clip one global gradient norm over the model's (FSDP2-sharded or not) and the masks' and lambdas'
+    (replicated, already averaged) parameters, as the original clips all of them together; max_norm 0 = off.
+    Returns the norm before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads += [p.grad for p in l0.parameters() if p.grad is not None] if l0 is not None else []
+    local = [g for g in grads if not hasattr(g, "full_tensor")]
+    sharded = [g for g in grads if hasattr(g, "full_tensor")]  # the norm of a DTensor list all-reduces its shards
+    sq = sum(float(torch.nn.utils.get_total_norm(gs).full_tensor() if gs is sharded else
+                   torch.nn.utils.get_total_norm(gs)) ** 2 for gs in (local, sharded) if gs)
+    norm = math.sqrt(sq)
+    if max_norm > 0 and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6)
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
 
 
 def log_step(run: Run, st: StageState, row: dict, tokens_per_s: float, write):
@@ -831,9 +895,15 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
                peak_memory_gb=report.peak_memory_gb(run.device))
     if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
         s = l0.stats(st.step)
-        row.update(compaction_expected_sparsity=s["expected_sparsity"], compaction_final_sparsity=s["final_sparsity"])
-        run.log(f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f} "
-                f"(gap {s['expected_sparsity'] - s['final_sparsity']:+.3f}); compacting to the target")
+        gaps = {m: s[f"expected_{m}_sparsity"] - 1 + l0.keep[m] / l0.z[m].log_alpha.shape[-1] for m in l0.names}
+        if stage.steps:  # (one-shot: the gates never moved, only their ranking counts)
+            row.update(compaction_expected_sparsity=s["expected_sparsity"],
+                       compaction_final_sparsity=s["final_sparsity"], **{f"compaction_{m}_gap": v for m, v in gaps.items()})
+        run.log((f"one-shot: compacting by the importance ranking to the target {report.describe(l0.target)}"
+                 if stage.steps == 0 else
+                 f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f}; per "
+                 "mask, expected - target: " + ", ".join(f"{m} {v:+.3f}" for m, v in gaps.items()) +
+                 f"; compacting to the target with {l0.values} kept values"))
     run.record(row)
     masks = l0.deterministic_masks() if l0 is not None else None  # what compaction keeps
     if last_stage and run.tasks:  # after pruning alone, under the masks compaction applies: the compacted model
