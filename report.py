@@ -123,12 +123,19 @@ def plot_metrics(run: RunDir):
             ax.axvline(switch, color="gray", ls=":", label="compaction")
         save(fig, ax, name, ylabel)
     pts = [(r["iter"], r["expected_sparsity"], r["target_sparsity"]) for r in rows if "expected_sparsity" in r]
-    if pts:
+    if pts:  # overall, and per mask type: the landing should bring every solid line onto its dashed one
         fig, ax = plt.subplots(figsize=(7, 4))
         it, e, t = zip(*pts)
-        ax.plot(it, e, label="expected")
-        ax.plot(it, t, label="target (warm-up schedule)", ls="--")
-        save(fig, ax, "sparsity", "sparsity of the prunable weights")
+        ax.plot(it, e, label="expected (prunable weights)", color="k")
+        ax.plot(it, t, label="target (warm-up schedule)", ls="--", color="k")
+        for i, m in enumerate(("layer", "head", "intermediate", "hidden")):
+            got = [(r["iter"], r[f"expected_{m}_sparsity"], r[f"target_{m}_sparsity"]) for r in rows
+                   if f"expected_{m}_sparsity" in r]
+            if got:
+                it, e, t = zip(*got)
+                ax.plot(it, e, label=m, color=f"C{i}", lw=1)
+                ax.plot(it, t, ls="--", color=f"C{i}", lw=1)
+        save(fig, ax, "sparsity", "sparsity (expected; dashed: target)")
 
 
 # -----------------------------------------------------------------------------
@@ -492,7 +499,7 @@ def report_main(argv) -> int:
         seq_len = c["cpt_seq_len"] if c["cpt_steps"] else c["prune_seq_len"]
         rows = []
         for name, path in (("source", c["init_from"]), ("pruned", run.file("pruned")), ("final", run.file("hf"))):
-            if name == "pruned" and (not c["prune_steps"] or not c["cpt_steps"]) or not os.path.exists(path):
+            if name == "pruned" and not c["cpt_steps"] or not os.path.exists(path):  # (pruned/: the compaction's)
                 continue
             model = convert.load_model(path)
             rows.append((name, sum(p.numel() for p in model.parameters()),
@@ -516,10 +523,20 @@ def report_main(argv) -> int:
         if w:
             print(f"{stage} domain weights, first -> last evaluation: " + ", ".join(
                 f"{d} {w[0]['weight/' + d]:.3f} -> {w[-1]['weight/' + d]:.3f}" for d in bins.domains))
+    evals = [r for r in metrics if "val/" + bins.domains[0] in r]
+    last_prune = [r for r in evals if r["stage"] == "prune"][-1:]
+    first_cpt = [r for r in evals if r["stage"] == "cpt"][:1]
     for r in metrics:
         if "stage_seconds" in r:
-            extra = (f"; gates at compaction: expected sparsity {r['compaction_expected_sparsity']:.3f} vs target "
-                     f"{r['compaction_final_sparsity']:.3f}" if "compaction_expected_sparsity" in r else "")
+            extra = ""
+            if "compaction_expected_sparsity" in r:
+                gaps = {k.split("_")[1]: v for k, v in r.items() if k.startswith("compaction_") and k.endswith("_gap")}
+                extra = (f"; gates at compaction: expected sparsity {r['compaction_expected_sparsity']:.3f} vs target "
+                         f"{r['compaction_final_sparsity']:.3f}" + (" (per mask, expected - target: " + ", ".join(
+                             f"{m} {v:+.3f}" for m, v in gaps.items()) + ")" if gaps else ""))
+                if last_prune and first_cpt:  # the pruning stage's last evaluation -> the compacted model's first
+                    jump = [first_cpt[0]["val/" + d] - last_prune[0]["val/" + d] for d in bins.domains]
+                    extra += f"; mean validation loss at compaction {sum(jump) / len(jump):+.3f}"
             print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
                   f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
     hf = run.file("hf")
