@@ -457,7 +457,8 @@ class Transformer(nn.Module):
         weights 1, the padding token's embedding 0. For training the shape from scratch (train.py from_scratch)."""
         std = float(self.config.extra.get("initializer_range", 0.02))
         for mod in self.modules():
-            if isinstance(mod, (nn.Linear, nn.Embedding)) and not (mod is self.lm_head and self.config.tie_word_embeddings):
+            tied = mod is self.lm_head and self.config.tie_word_embeddings  # (the embedding, drawn once)
+            if isinstance(mod, (nn.Linear, nn.Embedding)) and not tied:
                 mod.weight.normal_(0.0, std, generator=generator)
             if isinstance(mod, nn.Linear) and mod.bias is not None:
                 mod.bias.zero_()

@@ -208,8 +208,8 @@ RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_inte
              "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
-                   "from_scratch", "target_params", "target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads",
-                   "target_intermediate_size"}
+                   "from_scratch", "target_params", "target_hidden_size", "target_num_hidden_layers",
+                   "target_num_key_value_heads", "target_intermediate_size"}
 
 
 def _coerce(name: str, value, typ: str, from_cli: bool):
