@@ -898,7 +898,8 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         gaps = {m: s[f"expected_{m}_sparsity"] - 1 + l0.keep[m] / l0.z[m].log_alpha.shape[-1] for m in l0.names}
         if stage.steps:  # (one-shot: the gates never moved, only their ranking counts)
             row.update(compaction_expected_sparsity=s["expected_sparsity"],
-                       compaction_final_sparsity=s["final_sparsity"], **{f"compaction_{m}_gap": v for m, v in gaps.items()})
+                       compaction_final_sparsity=s["final_sparsity"],
+                       **{f"compaction_{m}_gap": v for m, v in gaps.items()})
         run.log((f"one-shot: compacting by the importance ranking to the target {report.describe(l0.target)}"
                  if stage.steps == 0 else
                  f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f}; per "
