@@ -68,6 +68,7 @@ import torch.nn as nn
 from model import ModelConfig, Transformer
 
 MASKS = ("layer", "head", "intermediate", "hidden")
+TEMPERATURE = 2 / 3  # the hard-concrete temperature beta (Louizos et al.; the original's)
 
 
 @dataclass
@@ -193,7 +194,7 @@ class HardConcrete(nn.Module):
     function and the Lagrangian, not initial noise, decides which units go. Ties (all units equal at step 0) are
     broken by index, deterministically."""
 
-    def __init__(self, shape, init_log_alpha=math.log(100.0), temperature=2 / 3, limit_l=-0.1, limit_r=1.1):
+    def __init__(self, shape, init_log_alpha=math.log(100.0), temperature=TEMPERATURE, limit_l=-0.1, limit_r=1.1):
         super().__init__()
         self.log_alpha = nn.Parameter(torch.full(tuple(shape), float(init_log_alpha)))
         self.temperature, self.limit_l, self.limit_r = temperature, limit_l, limit_r
@@ -267,10 +268,12 @@ def mask_generator(seed: int, step: int, row: int) -> torch.Generator:
 
 class L0Module(nn.Module):
     def __init__(self, cfg: ModelConfig, target: TargetShape, masks=MASKS, warmup_steps: int = 0,
-                 start_sparsity: float = 0.0, values: str = "binary", steps: int = 0, landing_steps: int = 0):
+                 start_sparsity: float = 0.0, values: str = "binary", steps: int = 0, landing_steps: int = 0,
+                 landing_temperature: float = TEMPERATURE):
         """warmup_steps: of the target-sparsity schedule; values: "soft" | "binary", the kept units' value in
         expected_masks and deterministic_masks; steps, landing_steps: the pruning stage's length and its last
-        steps that land on the target (land_)."""
+        steps that land on the target (land_); landing_temperature: the gates' temperature at the end of the
+        landing's first half (annealed from 2/3, see set_step_)."""
         super().__init__()
         target.validate(cfg)
         unknown = set(masks) - set(MASKS)
@@ -280,9 +283,12 @@ class L0Module(nn.Module):
             raise ValueError(f"mask values {values!r}: choose soft or binary")
         if not 0 <= landing_steps <= steps:
             raise ValueError(f"landing_steps={landing_steps} must be in [0, steps={steps}]")
+        if not 0 < landing_temperature <= TEMPERATURE:
+            raise ValueError(f"landing_temperature={landing_temperature} must be in (0, {TEMPERATURE:.4g}]")
         self.cfg, self.target = cfg, target
         self.warmup_steps, self.start_sparsity = warmup_steps, start_sparsity
         self.values, self.steps, self.landing_steps = values, steps, landing_steps
+        self.landing_temperature = landing_temperature
         L, d, nkv, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.intermediate_size
         # name -> (mask shape, number of units kept per row at the target)
         spec = {"layer": ((L,), target.num_hidden_layers), "head": ((L, nkv), target.num_key_value_heads),
@@ -358,6 +364,22 @@ class L0Module(nn.Module):
         """Whether `step` is one of the last landing_steps of pruning, where land_ holds the target."""
         return self.landing_steps > 0 and step >= self.steps - self.landing_steps
 
+    def temperature(self, step: int) -> float:
+        """The gates' temperature beta at `step`: 2/3 until the landing, then linear to landing_temperature over
+        the landing's first half (reached at its last step), then constant. A lower beta makes a sample z nearly a
+        Bernoulli(sigmoid(log_alpha)) draw of 0 or 1, so the model trains with the masks it will be compacted to."""
+        beta = TEMPERATURE
+        j = step - (self.steps - self.landing_steps)
+        if self.landing_steps == 0 or j < 0:
+            return beta
+        return beta + (self.landing_temperature - beta) * min(1.0, (j + 1) / math.ceil(self.landing_steps / 2))
+
+    def set_step_(self, step: int):
+        """Set every gate's temperature for `step` (train.py calls it before each step's evaluation and training;
+        it is a function of the step, so a resumed run gets the same)."""
+        for z in self.z.values():
+            z.temperature = self.temperature(step)
+
     @torch.no_grad()
     def land_(self, step: int):
         """After the optimizer step of `step` in the landing (else a no-op): move each row's expected kept count
@@ -365,6 +387,7 @@ class L0Module(nn.Module):
         remaining gap, and onto it exactly from there on (see the module doc)."""
         if not self.landing(step):
             return
+        self.set_step_(step)
         left = math.ceil(self.landing_steps / 2) - (step - (self.steps - self.landing_steps))
         for m in self.names:
             z = self.z[m]

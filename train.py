@@ -108,6 +108,8 @@ class TrainConfig:
     lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
     prune_landing: float = 0.1  # the last fraction of the pruning steps, in which a projection replaces the
     #                             Lagrangian and lands every mask exactly on its target (l0.py); 0 = off (the original)
+    landing_temperature: float = 2 / 3  # the gates' temperature, annealed from 2/3 to it over the landing's first
+    #                                     half: lower, and the samples are nearly 0 or 1 (l0.py)
     # distillation from the source model (a frozen teacher): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
     distill_alpha: float = 0.0  # 0 = off: plain cross-entropy
     teacher: str = ""  # the model distilled from and measured for reference_loss="teacher"; "" = init_from
@@ -162,6 +164,8 @@ class TrainConfig:
         if not 0 <= self.prune_landing <= 1 or not 0 < self.loss_ema <= 1:
             raise ConfigError(f"prune_landing={self.prune_landing} must be in [0, 1] and loss_ema={self.loss_ema} in "
                               "(0, 1]")
+        if not 0 < self.landing_temperature <= 2 / 3:
+            raise ConfigError(f"landing_temperature={self.landing_temperature} must be in (0, 2/3]")
         if self.from_scratch and (self.prune_steps or self.mask_init != "uniform"):
             raise ConfigError("from_scratch trains the target shape directly: set prune_steps=0 (and mask_init="
                               "uniform) and give the token budget to cpt_steps")
@@ -542,7 +546,8 @@ class Run:
             # one-shot: the gates never learned a value, only the ranking decides (binary kept values)
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps),
                           values="binary" if c.one_shot else c.mask_values, steps=c.prune_steps,
-                          landing_steps=math.ceil(c.prune_landing * c.prune_steps))
+                          landing_steps=math.ceil(c.prune_landing * c.prune_steps),
+                          landing_temperature=c.landing_temperature)
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
         return l0.to(self.device)
@@ -718,6 +723,8 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
     first, t0, tokens = st.step, time.perf_counter(), 0  # tokens since the last log line, for its throughput
     while True:
         step, last_step = st.step, st.step >= stage.steps  # (>: resumed with fewer steps, allow_changes)
+        if st.l0 is not None:
+            st.l0.set_step_(step)  # the gates' temperature (annealed in the landing)
         if step == 0 or step > first:  # (a resumed step's evaluation and checkpoint are in the files already)
             if step == 0 or step % c.eval_interval == 0 or last_step:
                 evaluate_and_update(run, st, update=step > 0)

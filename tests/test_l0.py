@@ -243,6 +243,25 @@ def test_landing_closes_the_gap_and_keeps_the_order():
     assert all(torch.equal(exp[k], det[k]) for k in det)
 
 
+def test_landing_temperature_schedule_and_near_binary_samples():
+    """The temperature is 2/3 until the landing, falls linearly to landing_temperature over its first half, then
+    stays; the lower it is, the fewer samples fall strictly between 0 and 1."""
+    t = TargetShape(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48)
+    l0 = L0Module(SMALL, t, steps=20, landing_steps=8, landing_temperature=0.2)
+    betas = [l0.temperature(s) for s in range(22)]
+    assert betas[:12] == [2 / 3] * 12 and betas[15:] == [0.2] * 7
+    assert betas[12:15] == pytest.approx([2 / 3 - (2 / 3 - 0.2) * k / 4 for k in (1, 2, 3)])
+    hc = HardConcrete((100000,), init_log_alpha=3.0)
+    u = torch.rand(100000, generator=torch.Generator().manual_seed(0))
+    fuzzy = lambda: float(((hc.sample(u) > 0) & (hc.sample(u) < 1)).float().mean())  # noqa: E731
+    at_two_thirds = fuzzy()
+    hc.temperature = 0.2
+    assert at_two_thirds > 0.15 and fuzzy() < at_two_thirds / 3
+    with pytest.raises(ValueError, match="landing_temperature"):
+        L0Module(SMALL, t, steps=20, landing_steps=8, landing_temperature=1.0)
+
+
 def test_mask_type_kept_whole_is_not_pruned_and_lambdas_stay_bounded():
     # LLaMA-2-7B -> 2.7b keeps all 32 layers; here 6 -> 6. A layer mask would have lambda_1 growing forever.
     cfg = SMALL
