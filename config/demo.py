@@ -30,8 +30,8 @@ prune_warmup = 0.1
 # The gates start saturated (log_alpha = ln 100), where the Lagrangian's pull on them is ~1e-3 of its value and the
 # data gradient dominates: the reference's lag_lr 1.0 over 3,200 steps lets lambda grow for hundreds of steps.
 # Here, 60 steps: lambda learns 4x faster than the gates, and the target ramps up over the first half, so the
-# expected size nears the target before compaction (docs/results.md: expected sparsity 0.553 against 0.514).
-# With lag_lr 0.2 for both it was 0.012 at step 16, against a target of 0.27.
+# expected size nears the target before the landing (with lag_lr 0.2 for both it was 0.012 at step 16, against a
+# target of 0.27).
 lag_lr = 0.5
 lambda_lr = 2.0
 lagrangian_warmup = 0.5
