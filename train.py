@@ -80,8 +80,8 @@ class TrainConfig:
     mask_init: str = "uniform"  # uniform (every log_alpha at ln 100) | importance (ranked by activations, see l0.py);
     #                             with prune_steps=0, importance is one-shot pruning: compact straight from the ranking
     mask_init_batches: int = 4  # global batches of the initial mixture for the importance pass
-    mask_values: str = "binary"  # kept units at evaluation and compaction: binary (1; measured better, docs/results.md)
-    #                              | soft (the gate value sigmoid(1.2 log_alpha) folded into the weights, the original's)
+    mask_values: str = "binary"  # kept units at evaluation and compaction: binary (1; better on the demo, see
+    #                              docs/results.md) | soft (the gate value sigmoid(1.2 log_alpha), folded: the original)
     from_scratch: bool = False  # the control: train init_from's architecture at the target shape from random weights
     #                             (as Hugging Face initialises the family), with prune_steps=0: cpt_steps is the budget
     # domain weighting (dro.parse_method): constant | sheared | bandit | dro[+eval][+dy][+dyall]
