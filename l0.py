@@ -40,8 +40,7 @@ linearly over the first half of the landing and holding it exactly in the second
 units, so the data gradient still decides which units go, the projection only how many; at the end the expected-
 size masks are the compaction's masks, and compaction cuts nothing the gates still used. With log_alpha clamped to
 [ln 0.01, ln 100] a closed gate still has P(z > 0) = 0.047, so holding sum P = k keeps the kept gates a little below
-the top of the range, where a sample often lies strictly between 0 and 1; the soft kept values fold what that
-costs them into the weights. A landing_temperature below 2/3 anneals the gates' temperature over the landing's
+the top of the range, where a sample often lies strictly between 0 and 1. A landing_temperature below 2/3 anneals the gates' temperature over the landing's
 first half: at a low temperature a sample is almost always exactly 0 or 1 (a Bernoulli(sigmoid(log_alpha)) draw),
 so the last steps train the weights under masks much like the ones compaction applies.
 
