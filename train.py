@@ -108,8 +108,8 @@ class TrainConfig:
     lagrangian_warmup: float = 0.2  # fraction of the pruning steps over which the target sparsity ramps up
     prune_landing: float = 0.1  # the last fraction of the pruning steps, in which a projection replaces the
     #                             Lagrangian and lands every mask exactly on its target (l0.py); 0 = off (the original)
-    landing_temperature: float = 2 / 3  # the gates' temperature, annealed from 2/3 to it over the landing's first
-    #                                     half: lower, and the samples are nearly 0 or 1 (l0.py)
+    landing_temperature: float = 0.2  # the gates' temperature, annealed from 2/3 to it over the landing's first
+    #                                   half: lower, and the samples are nearly 0 or 1 (l0.py); 2/3 = no annealing
     # distillation from the source model (a frozen teacher): loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
     distill_alpha: float = 0.0  # 0 = off: plain cross-entropy
     teacher: str = ""  # the model distilled from and measured for reference_loss="teacher"; "" = init_from
