@@ -11,6 +11,7 @@ the Lagrangian that drives them to an exact target shape (Sheared-LLaMA's target
         (model(x, y, masks=masks, reduction="none").sum() / n_tokens).backward()
     l0.lagrangian(step).backward()                            # lambdas are *maximised* (gradient reversal)
     l0.all_reduce_grads_(); opt.step(); l0.constrain_()
+    l0.land_(step)                                            # the last landing_steps: onto the target (below)
     l0.eval(); masks = l0()                                   # evaluation while pruning: the expected size
     small = model.prune(l0.deterministic_masks())             # exactly the target shape
 
@@ -29,8 +30,8 @@ round(sum P(z > 0)) units with the largest log_alpha, i.e. the model of the size
 (the original's eval_target_model=false), which is what validation while pruning measures and what the dynamic
 reference loss pairs with the expected sparsity; `deterministic_masks()` keeps exactly the target's units per row,
 for compaction. A kept unit's value is `values`: "soft", the deterministic gate value sigmoid(0.8 log_alpha / beta)
-= sigmoid(1.2 log_alpha) (the original's; about E[z], what training multiplied the unit by on average), or
-"binary", 1. model.prune folds either into the weights, so the masked model equals the compacted one.
+= sigmoid(1.2 log_alpha) (the original's), or "binary", 1 (train.py's default: measured better, docs/results.md).
+model.prune folds either into the weights, so the masked model equals the compacted one.
 
 Landing. The Lagrangian pulls the expected sparsity towards the target but lags it: a short run ends with some mask
 types above their target and others below (docs/results.md). For the last `landing_steps` of pruning, `land_(step)`
@@ -40,9 +41,10 @@ linearly over the first half of the landing and holding it exactly in the second
 units, so the data gradient still decides which units go, the projection only how many; at the end the expected-
 size masks are the compaction's masks, and compaction cuts nothing the gates still used. With log_alpha clamped to
 [ln 0.01, ln 100] a closed gate still has P(z > 0) = 0.047, so holding sum P = k keeps the kept gates a little below
-the top of the range, where a sample often lies strictly between 0 and 1. A landing_temperature below 2/3 anneals the gates' temperature over the landing's
-first half: at a low temperature a sample is almost always exactly 0 or 1 (a Bernoulli(sigmoid(log_alpha)) draw),
-so the last steps train the weights under masks much like the ones compaction applies.
+the top of the range, where a sample often lies strictly between 0 and 1. A landing_temperature below 2/3 anneals
+the gates' temperature over the landing's first half: at a low temperature a sample is almost always exactly 0 or 1
+(a Bernoulli(sigmoid(log_alpha)) draw), so the last steps train the weights under masks much like the ones
+compaction applies.
 
 Distributed. The module is tiny: keep it replicated in fp32 on every rank, outside FSDP and outside mixed
 precision (bf16 would move log_alpha's init from ln 100 = 4.605 to 4.594 and double the expected sparsity at init);
@@ -231,7 +233,7 @@ class HardConcrete(nn.Module):
     def shift_to_count_(self, count: torch.Tensor):
         """Add one constant per row to log_alpha (then clamped to its range) so that the row's sum P(z > 0) is
         `count` (one per row), by bisection: the sum rises monotonically with the constant. A count outside what the
-        range allows ([0.047, 0.998] per unit) gets the nearest end."""
+        range allows (at temperature 2/3, 0.047 to 0.998 per unit) gets the nearest end."""
         n = self.log_alpha.shape[-1]
         la = self.log_alpha.detach().reshape(-1, n).double()
         lo, hi = self.log_alpha_range
@@ -352,8 +354,8 @@ class L0Module(nn.Module):
 
     @torch.no_grad()
     def expected_masks(self) -> dict:
-        """Binary masks of the size the gates currently describe: per row the round(sum P(z > 0)) units with the
-        largest log_alpha (ties to the lower index). Used to evaluate while pruning."""
+        """Masks of the size the gates currently describe: per row the round(sum P(z > 0)) units with the largest
+        log_alpha (ties to the lower index), kept values as `values`. Used to evaluate while pruning."""
         return {f"{m}_z": self.z[m].keep_top(self.z[m].prob_nonzero().sum(-1).round(), self.values)
                 for m in self.names}
 

@@ -15,9 +15,11 @@ checkpoint.py describes the run directory.
 
 Stages. `prune` (prune_steps) trains the weights, the hard-concrete gates (log_alpha) and the Lagrange multipliers
 (lambda, maximised) with the target-sparsity warm-up, one mask sample per micro-batch, and evaluation with masks
-of the current expected size. Then the deterministic masks compact the model (gather -> prune_state_dict ->
-re-shard), it is exported to out_dir/pruned/, and `cpt` (cpt_steps) continues pretraining the compact model with
-its own optimizer, schedule, batch and a fresh domain weighter. Either stage may be 0 steps.
+of the current expected size; its last prune_landing steps put every mask exactly on its target (l0.py). Then
+the deterministic masks compact the model (gather -> prune_state_dict -> re-shard), it is exported to
+out_dir/pruned/, and `cpt` (cpt_steps) continues pretraining the compact model with its own optimizer, schedule,
+batch and a fresh domain weighter. Either stage may be 0 steps: prune_steps=0 with mask_init=importance is one-shot
+pruning (compaction straight from the importance ranking), with from_scratch=true the from-scratch control.
 
 The loss is the mean over all target tokens of the global batch (independent of world size and accumulation).
 Per-domain sums of the per-token training losses feed the weighter every step; per-domain validation losses feed
