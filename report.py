@@ -533,10 +533,10 @@ def report_main(argv) -> int:
                 gaps = {k.split("_")[1]: v for k, v in r.items() if k.startswith("compaction_") and k.endswith("_gap")}
                 extra = (f"; gates at compaction: expected sparsity {r['compaction_expected_sparsity']:.3f} vs target "
                          f"{r['compaction_final_sparsity']:.3f}" + (" (per mask, expected - target: " + ", ".join(
-                             f"{m} {v:+.3f}" for m, v in gaps.items()) + ")" if gaps else ""))
+                             f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in gaps.items()) + ")" if gaps else ""))
                 if last_prune and first_cpt:  # the pruning stage's last evaluation -> the compacted model's first
                     jump = [first_cpt[0]["val/" + d] - last_prune[0]["val/" + d] for d in bins.domains]
-                    extra += f"; mean validation loss at compaction {sum(jump) / len(jump):+.3f}"
+                    extra += f"; mean validation loss at compaction {round(sum(jump) / len(jump), 3) or 0.0:+.3f}"
             print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
                   f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
     hf = run.file("hf")

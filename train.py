@@ -912,7 +912,7 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         run.log((f"one-shot: compacting by the importance ranking to the target {report.describe(l0.target)}"
                  if stage.steps == 0 else
                  f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f}; per "
-                 "mask, expected - target: " + ", ".join(f"{m} {v:+.3f}" for m, v in gaps.items()) +
+                 "mask, expected - target: " + ", ".join(f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in gaps.items()) +
                  f"; compacting to the target with {l0.values} kept values"))
     run.record(row)
     masks = l0.deterministic_masks() if l0 is not None else None  # what compaction keeps
