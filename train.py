@@ -732,7 +732,8 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
                 evaluate_and_update(run, st, update=step > 0)
             compacted = stage.name == "cpt" and run.stages[0].name == "prune"
             if step == 0 and run.tasks:  # the model entering the stage (again after a resume at step 0)
-                run.score_tasks(st.model, None, "pruned" if compacted else "source", st)
+                label = "pruned" if compacted else "init" if c.from_scratch else "source"  # (init: random weights)
+                run.score_tasks(st.model, None, label, st)
             if step == 0 and compacted and not st.resumed:  # right after compaction: never prune twice
                 save(run, st)
             elif 0 < step < stage.steps and step % c.save_interval == 0:
