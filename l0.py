@@ -5,11 +5,13 @@ the Lagrangian that drives them to an exact target shape (Sheared-LLaMA's target
     from l0 import L0Module, TargetShape, mask_generator
     target = TargetShape(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                          intermediate_size=5504)
-    l0 = L0Module(model.config, target, warmup_steps=640)     # fp32, replicated beside the (sharded) model
+    l0 = L0Module(model.config, target, warmup_steps=640, steps=3200, landing_steps=320)  # fp32, replicated
+    l0.set_step_(step)                                        # the gates' temperature (annealed in the landing)
     for row in range(first_row, last_row, micro_batch_size):  # this rank's micro-batches of the global batch
         masks = l0(mask_generator(seed, step, row))           # one sample per micro-batch
         (model(x, y, masks=masks, reduction="none").sum() / n_tokens).backward()
-    l0.lagrangian(step).backward()                            # lambdas are *maximised* (gradient reversal)
+    if not l0.landing(step):
+        l0.lagrangian(step).backward()                        # lambdas are *maximised* (gradient reversal)
     l0.all_reduce_grads_(); opt.step(); l0.constrain_()
     l0.land_(step)                                            # the last landing_steps: onto the target (below)
     l0.eval(); masks = l0()                                   # evaluation while pruning: the expected size
@@ -38,12 +40,14 @@ types above their target and others below (docs/results.md). For the last `landi
 replaces the Lagrangian (train.py skips it): after every optimizer step it shifts each row's log_alpha by one
 constant, so that the row's expected kept count sum P(z > 0) moves to the target's, closing what is left of the gap
 linearly over the first half of the landing and holding it exactly in the second. A shift keeps the order of the
-units, so the data gradient still decides which units go, the projection only how many; at the end the expected-
-size masks are the compaction's masks, and compaction cuts nothing the gates still used. With log_alpha clamped to
-[ln 0.01, ln 100] a closed gate still has P(z > 0) = 0.047, so holding sum P = k keeps the kept gates a little below
-the top of the range, where a sample often lies strictly between 0 and 1. A landing_temperature below 2/3 anneals
-the gates' temperature over the landing's first half: at a low temperature a sample is almost always exactly 0 or 1
-(a Bernoulli(sigmoid(log_alpha)) draw), so the last steps train the weights under masks much like the ones
+units (it is bounded so that the clamp never ties a kept unit with a dropped one), so the data gradient still
+decides which units go, the projection only how many; at the end the expected-size masks are the compaction's
+masks, and compaction cuts nothing the gates still used. With log_alpha clamped to [ln 0.01, ln 100] a closed gate
+still has P(z > 0) = 0.047, so holding sum P = k keeps the kept gates below the top of the range, the further the
+fewer units a row keeps (at temperature 2/3: log_alpha about 2-3 for the demo's shapes, 0.2 for a row keeping a
+quarter), where a sample often lies strictly between 0 and 1. A landing_temperature below 2/3 anneals the gates'
+temperature over the landing's first half (set_step_): at a low temperature a sample is almost always exactly 0 or
+1 (a Bernoulli(sigmoid(log_alpha)) draw), so the last steps train the weights under masks much like the ones
 compaction applies.
 
 Distributed. The module is tiny: keep it replicated in fp32 on every rank, outside FSDP and outside mixed
@@ -215,8 +219,9 @@ class HardConcrete(nn.Module):
         return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0, 1)
 
     def soft_value(self) -> torch.Tensor:
-        # the original's deterministic gate value: sigmoid(log_alpha * magical_number / beta), magical_number 0.8
-        return torch.sigmoid(self.log_alpha * 0.8 / self.temperature)
+        # the original's deterministic gate value: sigmoid(log_alpha * magical_number / beta), magical_number 0.8, at
+        # the fixed beta 2/3 (not the landing's annealed one: a checkpoint does not depend on it)
+        return torch.sigmoid(self.log_alpha * 0.8 / TEMPERATURE)
 
     @torch.no_grad()
     def keep_top(self, k, values: str = "binary") -> torch.Tensor:
@@ -230,10 +235,12 @@ class HardConcrete(nn.Module):
         return keep * self.soft_value().detach() if values == "soft" else keep
 
     @torch.no_grad()
-    def shift_to_count_(self, count: torch.Tensor):
+    def shift_to_count_(self, count: torch.Tensor, keep: int):
         """Add one constant per row to log_alpha (then clamped to its range) so that the row's sum P(z > 0) is
-        `count` (one per row), by bisection: the sum rises monotonically with the constant. A count outside what the
-        range allows (at temperature 2/3, 0.047 to 0.998 per unit) gets the nearest end."""
+        `count` (one per row), by bisection: the sum rises monotonically with the constant. The constant is bounded
+        so that the row's `keep` largest units stay above the others (the clamp would otherwise tie them all at one
+        end when the count is out of reach, e.g. keeping 99.5% of the units at a low temperature): then the count is
+        as near as the order allows."""
         n = self.log_alpha.shape[-1]
         la = self.log_alpha.detach().reshape(-1, n).double()
         lo, hi = self.log_alpha_range
@@ -245,7 +252,11 @@ class HardConcrete(nn.Module):
             c = (a + b) / 2
             high = torch.sigmoid((la + c).clamp(lo, hi) - shift).sum(-1, keepdim=True) > count
             a, b = torch.where(high, a, c), torch.where(high, c, b)
-        self.log_alpha.copy_((la + (a + b) / 2).clamp(lo, hi).view_as(self.log_alpha))
+        c = (a + b) / 2
+        top = la.sort(-1, descending=True).values
+        if 0 < keep < n:  # the keep-th unit stays above the bottom, the next one below the top
+            c = torch.minimum(torch.maximum(c, lo - top[:, keep - 1:keep] + 1e-3), hi - top[:, keep:keep + 1] - 1e-3)
+        self.log_alpha.copy_((la + c).clamp(lo, hi).view_as(self.log_alpha))
 
     @torch.no_grad()
     def constrain_(self):
@@ -396,7 +407,7 @@ class L0Module(nn.Module):
         for m in self.names:
             z = self.z[m]
             count = z.prob_nonzero().detach().sum(-1).double()
-            z.shift_to_count_(count + (self.keep[m] - count) / max(1, left))
+            z.shift_to_count_(count + (self.keep[m] - count) / max(1, left), self.keep[m])
 
     def constrain_(self):
         """Keep log_alpha in [ln 0.01, ln 100]; call after every optimizer step."""

@@ -15,7 +15,7 @@ checkpoint.py describes the run directory.
 
 Stages. `prune` (prune_steps) trains the weights, the hard-concrete gates (log_alpha) and the Lagrange multipliers
 (lambda, maximised) with the target-sparsity warm-up, one mask sample per micro-batch, and evaluation with masks
-of the current expected size; its last prune_landing steps put every mask exactly on its target (l0.py). Then
+of the current expected size; the last prune_landing of its steps put every mask exactly on its target (l0.py). Then
 the deterministic masks compact the model (gather -> prune_state_dict -> re-shard), it is exported to
 out_dir/pruned/, and `cpt` (cpt_steps) continues pretraining the compact model with its own optimizer, schedule,
 batch and a fresh domain weighter. Either stage may be 0 steps: prune_steps=0 with mask_init=importance is one-shot
@@ -548,7 +548,7 @@ class Run:
             # one-shot: the gates never learned a value, only the ranking decides (binary kept values)
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps),
                           values="binary" if c.one_shot else c.mask_values, steps=c.prune_steps,
-                          landing_steps=math.ceil(c.prune_landing * c.prune_steps),
+                          landing_steps=math.ceil(round(c.prune_landing * c.prune_steps, 6)),
                           landing_temperature=c.landing_temperature)
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None

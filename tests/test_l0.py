@@ -262,6 +262,24 @@ def test_landing_temperature_schedule_and_near_binary_samples():
         L0Module(SMALL, t, steps=20, landing_steps=8, landing_temperature=1.0)
 
 
+def test_landing_out_of_reach_keeps_the_ranking():
+    """A row that keeps 1530 of 1536 units cannot reach sum P = 1530 at temperature 0.2 (P <= 0.994 per unit): the
+    shift stops before the clamp ties every unit at the top, so the least important unit is still the one dropped."""
+    cfg = ModelConfig(vocab_size=10, hidden_size=64, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=4)
+    t = TargetShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                    intermediate_size=1530)
+    l0 = L0Module(cfg, t, steps=4, landing_steps=2, landing_temperature=0.2)
+    with torch.no_grad():
+        la = l0.z["intermediate"].log_alpha
+        la.copy_(torch.linspace(4.6, 2.0, 1536).expand_as(la))
+        la[:, 0] = math.log(0.01)  # clearly the least important
+    for step in range(4):
+        l0.land_(step)
+    drop = l0.deterministic_masks()["intermediate_z"] == 0
+    assert drop[:, 0].all() and (drop.sum(-1) == 6).all()
+    assert l0.z["intermediate"].log_alpha[:, 0].max() < l0.z["intermediate"].log_alpha[:, 1:].min()
+
+
 def test_mask_type_kept_whole_is_not_pruned_and_lambdas_stay_bounded():
     # LLaMA-2-7B -> 2.7b keeps all 32 layers; here 6 -> 6. A layer mask would have lambda_1 growing forever.
     cfg = SMALL
