@@ -538,13 +538,23 @@ class Run:
                                   min_prob=c.min_prob, ema=c.loss_ema, rescale_reference=c.rescale_reference,
                                   seed=c.seed)
 
-    def make_l0(self, mcfg: ModelConfig) -> L0Module:
+    def target(self, mcfg: ModelConfig) -> TargetShape:
+        """The target shape from the config's target_* fields or target_params, checked against mcfg."""
         c = self.cfg
         try:
             target = TargetShape.resolve(mcfg, **asdict(c))
-            if c.target_params:
-                self.log(f"target_params={c.target_params:g} -> target {report.describe(target)} "
-                         f"({total_params(mcfg, target) / 1e6:,.1f}M parameters)")
+            target.validate(mcfg)
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
+        if c.target_params:
+            self.log(f"target_params={c.target_params:g} -> target {report.describe(target)} "
+                     f"({total_params(mcfg, target) / 1e6:,.1f}M parameters)")
+        return target
+
+    def make_l0(self, mcfg: ModelConfig) -> L0Module:
+        c = self.cfg
+        target = self.target(mcfg)
+        try:
             # one-shot: the gates never learned a value, only the ranking decides (binary kept values)
             l0 = L0Module(mcfg, target, warmup_steps=int(c.lagrangian_warmup * c.prune_steps),
                           values="binary" if c.one_shot else c.mask_values, steps=c.prune_steps,
@@ -578,12 +588,7 @@ class Run:
 
     def scratch_model(self, mcfg: ModelConfig) -> tuple[ModelConfig, dict | None]:
         """from_scratch: mcfg's family at the target shape, randomly initialised (rank 0; seeded by the run's seed)."""
-        try:
-            target = TargetShape.resolve(mcfg, **asdict(self.cfg))
-            target.validate(mcfg)
-        except ValueError as e:
-            raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
-        mcfg = replace(mcfg, **asdict(target), head_dim=mcfg.head_dim)
+        mcfg = replace(mcfg, **asdict(self.target(mcfg)), head_dim=mcfg.head_dim)
         sd = None
         if self.master:
             sd = Transformer(mcfg).init_weights(torch.Generator().manual_seed(self.cfg.seed)).state_dict()
@@ -905,7 +910,7 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
                peak_memory_gb=report.peak_memory_gb(run.device))
     if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
         s = l0.stats(st.step)
-        gaps = {m: s[f"expected_{m}_sparsity"] - 1 + l0.keep[m] / l0.z[m].log_alpha.shape[-1] for m in l0.names}
+        gaps = {m: s[f"expected_{m}_sparsity"] - s[f"target_{m}_sparsity"] for m in l0.names}  # (warm-up done)
         if stage.steps:  # (one-shot: the gates never moved, only their ranking counts)
             row.update(compaction_expected_sparsity=s["expected_sparsity"],
                        compaction_final_sparsity=s["final_sparsity"],
