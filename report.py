@@ -487,7 +487,7 @@ def eval_main(argv) -> int:
 
 def report_main(argv) -> int:
     """What a run did: the source, the pruned and the final model on the same validation batches, the domain
-    weights, the time per stage, and a greedy completion from the exported model loaded with transformers."""
+    weights, the time per stage, and a greedy completion by each of the three, loaded with transformers."""
     if len(argv) != 1 or not (is_run_dir(argv[0]) and os.path.isfile(os.path.join(argv[0], "config.json"))):
         print("usage: python train.py report RUN_DIR (a train.py out_dir)", file=sys.stderr)
         return 2
@@ -539,15 +539,17 @@ def report_main(argv) -> int:
                     extra += f"; mean validation loss at compaction {round(sum(jump) / len(jump), 3) or 0.0:+.3f}"
             print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
                   f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
-    hf = run.file("hf")
-    if os.path.isfile(os.path.join(hf, "tokenizer.json")) or os.path.isfile(os.path.join(hf, "tokenizer.model")):
-        import transformers
-        tok = transformers.AutoTokenizer.from_pretrained(hf)
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-        prompt = "The GNU General Public License is"
+    import transformers
+    prompt = "The GNU General Public License is"
+    for name, path in (("source", c["init_from"]), ("pruned", run.file("pruned")), ("final", run.file("hf"))):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            continue  # (a .gguf source, or a stage not reached)
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         ids = tok(prompt, return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-        print(f"greedy completion by {hf} (transformers): {tok.decode(out[0], skip_special_tokens=True)!r}")
+        print(f"greedy completion by {name} {path} (transformers): "
+              f"{tok.decode(out[0], skip_special_tokens=True)!r}")
     return 0
 
 

@@ -210,6 +210,8 @@ class TrainConfig:
 
 
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
+PLOT_EVERY = 300  # seconds: plots/ is redrawn at an evaluation at most this often (drawing costs ~1 s), and at the
+#                   end of every stage
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
              "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
@@ -470,6 +472,7 @@ class Run:
         self.teacher = None  # the frozen source model, when distilling or measuring references against it
         self.src_path = None  # the source model (its tokenizer goes with every export)
         self.wandb = None
+        self.plotted = time.perf_counter()  # when plots/ was last drawn (evaluate_and_update redraws it now and then)
         self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
 
     def log(self, msg: str):
@@ -665,7 +668,6 @@ def train(run: Run, ckpt: str | None):
     barrier()
     if run.master:
         checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf")))
-        report.plot_metrics(run.dir)
     run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)})")
 
 
@@ -885,8 +887,9 @@ def evaluate_and_update(run: Run, st: StageState, update: bool):
                     **{f"val/{n}": float(v) for n, v in zip(run.domains, val)}, **weighter.stats(), **sparsity))
     run.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
         f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(run.domains, val, weighter.q)) + "  [val loss (weight)]")
-    if run.master:
+    if run.master and time.perf_counter() - run.plotted > PLOT_EVERY:  # (and at the end of every stage)
         report.plot_metrics(run.dir)
+        run.plotted = time.perf_counter()
 
 
 def save(run: Run, st: StageState):
@@ -921,6 +924,9 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
                  "mask, expected - target: " + ", ".join(f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in gaps.items()) +
                  f"; compacting to the target with {l0.values} kept values"))
     run.record(row)
+    if run.master:
+        report.plot_metrics(run.dir)
+        run.plotted = time.perf_counter()
     masks = l0.deterministic_masks() if l0 is not None else None  # what compaction keeps
     if last_stage and run.tasks:  # after pruning alone, under the masks compaction applies: the compacted model
         run.score_tasks(st.model, masks, "final", st)

@@ -35,20 +35,36 @@ def test_gpu_script_code_path_on_cpu():
     assert "stage prune" in text and "stage cpt" in text and "error" not in text
 
 
-def test_quality_sweep_on_the_tiny_model(setup, tmp_path):
-    # the recovery sweep end to end on the test model: runs, scores, tokens-to-baseline, tables, plot
+def test_quality_study_on_the_tiny_model(setup, tmp_path):
+    # the study end to end on the test model: calibration, runs at equal seconds, a budget sharing runs, the report
     from conftest import TARGET
     root, base, ref = setup
-    text = run("bench/quality.py", "--sweep", "recovery", "--only", "ce,kd+teacher+importance", "--seeds", "1",
-               "--config", "config/tiny.py", "--model", str(root / "model"), "--data_dir", str(root / "data"),
-               "--prune_steps", "4", "--cpt_steps", "4", "--eval_interval", "2", "--save_interval", "2",
-               "--extra", " ".join(TARGET + ["--reference_loss=1,2,5"]),
-               "--seq_len", "32", "--batch_size", "4", "--batches", "2", "--tasks", "",  # (no tokenizer here)
-               "--out", str(tmp_path / "q"), "--results", str(tmp_path / "res"), "--plot", str(tmp_path / "q.png"))
-    res = json.loads((tmp_path / "res" / "quality-recovery.json").read_text())
-    assert [r["method"] for r in res["runs"]] == ["ce", "kd+teacher+importance"]
-    assert res["variants"]["kd+teacher+importance"] == ["--distill_alpha=1.0", "--reference_loss=teacher",
-                                                         "--mask_init=importance"]
-    ce = res["runs"][0]
-    assert ce["cpt_tokens_to_baseline"] == ce["cpt_curve"][-1][0]  # the baseline reaches its own final loss last
-    assert "tokens to reach ce's final mean" in text and (tmp_path / "q-recovery.png").stat().st_size > 1000
+    common = ["--config", "config/tiny.py", "--model", str(root / "model"), "--data_dir", str(root / "data"),
+              "--demo_steps", "4,4", "--no-pin",  # (the tiny config's own shapes)
+              "--extra", " ".join(TARGET + ["--reference_loss=1,2,5"]), "--calibrate_steps", "2",
+              "--seq_len", "32", "--val_seqs", "4", "--tasks", "",  # (no tokenizer here)
+              "--out", str(tmp_path / "q"), "--results", str(tmp_path / "res" / "q.json"), "--plots", str(tmp_path)]
+    run("bench/quality.py", "calibrate", *common)
+    res = json.loads((tmp_path / "res" / "q.json").read_text())
+    s = res["calibration"]["seconds_per_step"]
+    assert set(s) == {"prune", "cpt", "cpt+kd"} and all(v > 0 for v in s.values())
+    run("bench/quality.py", "run", "--only", "oneshot,l0", "--seeds", "1,2", *common)
+    res = json.loads((tmp_path / "res" / "q.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in res["runs"].values()} == {(v, i) for v in ("oneshot", "l0")
+                                                                         for i in (1, 2)}
+    l0 = res["runs"]["l0|4+4|s1"]  # the demo budget is its own recipe's time: exactly the demo's steps
+    one = next(r for r in res["runs"].values() if r["variant"] == "oneshot" and r["seed"] == 1)
+    assert one["prune_steps"] == 0 and one["cpt_steps"] == round((4 * s["prune"] + 4 * s["cpt"]) / s["cpt"])
+    assert len(l0["final"]["val"]) == 3 and all(len(v) == 4 for v in l0["final"]["val"]) and l0["pruned"]
+    assert l0["seconds"]["prune"] > 0 and l0["tokens"] == {"prune": 4 * 4 * 32, "cpt": 4 * 4 * 32}
+    # equal tokens: l0's run is the same one (no training), the one-shot run gets the tokens of 4 + 4 steps
+    text = run("bench/quality.py", "run", "--budget", "demo-tokens", "--only", "l0", "--seeds", "1", *common)
+    assert "== " not in text
+    assert json.loads((tmp_path / "res" / "q.json").read_text())["runs"]["l0|4+4|s1"]["budgets"] == ["demo",
+                                                                                                     "demo-tokens"]
+    text = run("bench/quality.py", "report", "--reps", "200", *common)
+    md = (tmp_path / "res" / "q.md").read_text()
+    assert md in text + "\n" and "Budget `demo`" in md and "Budget `demo-tokens`" in md
+    row = next(line for line in md.splitlines() if line.startswith("| l0 | 4 + 4"))
+    assert any(v in row for v in ("better", "worse", "not distinguishable"))  # against oneshot, the first
+    assert (tmp_path / "quality-study.png").stat().st_size > 1000

@@ -64,7 +64,8 @@ def test_make_demo_pipeline(tmp_path):
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
             c.intermediate_size) == (24, 2, 3, 1, 40)
-    for line in ("source", "pruned", "final", "greedy completion by", "prune: 4 steps", "cpt: 2 steps",
+    for line in ("source", "pruned", "final", "greedy completion by source", "greedy completion by pruned",
+                 "greedy completion by final", "prune: 4 steps", "cpt: 2 steps",
                  "domain weights, first -> last", "downstream, zero-shot", "hellaswag", "winogrande"):
         assert line in r.stdout, line
     assert (out / "plots" / "val_loss.png").exists() and (out / "done.json").exists()
