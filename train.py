@@ -80,7 +80,9 @@ class TrainConfig:
     target_params: float = 0  # or a budget: total parameters (1.3e9) or a fraction of the source's (0.4); sets the
     #                           target_* shape by l0.TargetShape.from_budget (width first, then depth)
     mask_init: str = "uniform"  # uniform (every log_alpha at ln 100) | importance (ranked by activations, see l0.py);
-    #                             with prune_steps=0, importance is one-shot pruning: compact straight from the ranking
+    #                             with prune_steps=0, importance is one-shot pruning: compact straight from the ranking.
+    #                             Keep lag_lr small with it (config/demo.py: 0.02): Adam moves each log_alpha by about
+    #                             lag_lr a step, and the ranking spans 3, so at 0.5 a few steps reorder it
     mask_init_batches: int = 4  # global batches of the initial mixture for the importance pass
     mask_values: str = "binary"  # kept units at evaluation and compaction: binary (1; better on the demo, see
     #                              docs/results.md) | soft (the gate value sigmoid(1.2 log_alpha), folded: the original)

@@ -50,7 +50,8 @@ cpt_seq_len = 128
 cpt_lr = 6e-4  # 2e-4 (the earlier demo) and 1.2e-3 recovered more slowly in the pilots
 cpt_warmup = 0.1
 
-eval_interval = 6
+# the domain weights are updated at every evaluation; each costs about a training step here, so not too many
+eval_interval = 10
 eval_batches = 2
 eval_batch_size = 4
 log_interval = 2
