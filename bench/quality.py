@@ -470,7 +470,7 @@ def main():
     ap.add_argument("--seq_len", type=int, default=128, help="scoring: tokens per held-out sequence")
     ap.add_argument("--val_seqs", type=int, default=128, help="scoring: held-out sequences per domain")
     ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,sciq,winogrande")
-    ap.add_argument("--limit", type=int, default=200, help="downstream: the first N validation examples of each")
+    ap.add_argument("--limit", type=int, default=100, help="downstream: the first N validation examples of each")
     ap.add_argument("--against", default="", help="report: the reference variant (default: the first)")
     ap.add_argument("--reps", type=int, default=2000, help="report: bootstrap resamples")
     ap.add_argument("--out", default="out/quality-study", help="the runs' out_dirs")
