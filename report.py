@@ -339,7 +339,7 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
                 rank: int = 0, world: int = 1, device="cpu", dtype=None, batch_tokens: int = 2048,
                 row_tokens: int = 256, progress: bool = True) -> dict:
     """Zero-shot accuracy on each task: {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "n",
-    "ll": per-example per-choice log-likelihoods, "gold"}}. Every rank scores its share of the batches and the
+    "ll": per-example per-choice log-likelihoods, "lengths": their choices' lengths (acc_norm's), "gold"}}. Every rank scores its share of the batches and the
     log-likelihoods are summed over the ranks, so all ranks return the whole result (under FSDP each rank runs
     the same number of forwards). dtype: autocast to it (bf16 on a GPU), else the model's own."""
     device = torch.device(device)
@@ -393,7 +393,8 @@ def score_tasks(model, tokenizer, names: list[str], tasks_dir: str = TASKS_DIR, 
         res = {"n": len(rs), **_mean_stderr("acc", [float(np.argmax(x) == g) for x, _, g in rs])}
         if TASKS[name].acc_norm:
             res.update(_mean_stderr("acc_norm", [float(np.argmax(x / n) == g) for x, n, g in rs]))
-        out[name] = {**res, "ll": [x.tolist() for x, _, _ in rs], "gold": [g for _, _, g in rs]}
+        out[name] = {**res, "ll": [x.tolist() for x, _, _ in rs], "lengths": [n.tolist() for _, n, _ in rs],
+                     "gold": [g for _, _, g in rs]}
     return out
 
 
@@ -404,7 +405,7 @@ def headline(results: dict) -> dict:
 
 def task_summary(results: dict) -> dict:
     """score_tasks' results without the per-example log-likelihoods (what metrics.jsonl and tables keep)."""
-    return {n: {k: v for k, v in r.items() if k not in ("ll", "gold")} for n, r in results.items()}
+    return {n: {k: v for k, v in r.items() if k not in ("ll", "lengths", "gold")} for n, r in results.items()}
 
 
 def _mean_stderr(metric: str, xs: list) -> dict:

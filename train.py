@@ -211,9 +211,9 @@ class TrainConfig:
         return self.distill_alpha > 0 and (stage == "cpt" or self.distill_prune)
 
 
-# fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
 PLOT_EVERY = 300  # seconds: plots/ is redrawn at an evaluation at most this often (drawing costs ~1 s), and at the
 #                   end of every stage
+# fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
              "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them

@@ -203,9 +203,8 @@ def task_correct(path: str, args) -> dict:
     out = {}
     for name, r in res.items():
         norm = "acc_norm" in r
-        lengths = [report.TASKS[name].requests(doc)[1] for doc in report.load_docs(name, limit=args.limit)]
         out[name] = "".join(str(int(np.argmax(np.asarray(ll) / (np.asarray(n) if norm else 1)) == g))
-                            for ll, n, g in zip(r["ll"], lengths, r["gold"]))
+                            for ll, n, g in zip(r["ll"], r["lengths"], r["gold"]))
         assert abs(out[name].count("1") / len(out[name]) - r["acc_norm" if norm else "acc"]) < 1e-9
     return out
 

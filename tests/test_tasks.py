@@ -209,6 +209,9 @@ def test_scores_match_a_plain_implementation(model_dir, tasks_dir):
         assert ("acc_norm" in r) == report.TASKS[name].acc_norm
         if "acc_norm" in r:
             assert r["acc_norm"] == acc_norm, name
+            # the per-example lengths it returns give the same acc_norm (bench/quality.py rescores from them)
+            assert np.mean([np.argmax(np.asarray(v) / n) == g
+                            for v, n, g in zip(r["ll"], r["lengths"], r["gold"])]) == acc_norm, name
         x = np.array([float(np.argmax(v) == g) for v, g in zip(r["ll"], r["gold"])])
         assert r["acc_stderr"] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else np.nan,
                                                 nan_ok=True)
