@@ -538,7 +538,8 @@ def report_main(argv) -> int:
                 if last_prune and first_cpt:  # the pruning stage's last evaluation -> the compacted model's first
                     jump = [first_cpt[0]["val/" + d] - last_prune[0]["val/" + d] for d in bins.domains]
                     extra += f"; mean validation loss at compaction {round(sum(jump) / len(jump), 3) or 0.0:+.3f}"
-            print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training, "
+            wall = f" ({r['stage_wall_seconds']:.0f} s of wall time)" if "stage_wall_seconds" in r else ""
+            print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training{wall}, "
                   f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
     import transformers
     prompt = "The GNU General Public License is"

@@ -474,6 +474,8 @@ class Run:
         self.teacher = None  # the frozen source model, when distilling or measuring references against it
         self.src_path = None  # the source model (its tokenizer goes with every export)
         self.wandb = None
+        self.started = time.perf_counter()
+        self.train_seconds = 0.0  # the stages' training steps (their clocks, across resumes)
         self.plotted = time.perf_counter()  # when plots/ was last drawn (evaluate_and_update redraws it now and then)
         self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
 
@@ -509,12 +511,12 @@ class Run:
             res = report.score_tasks(model, self.tokenizer, self.tasks, c.eval_tasks_dir, c.eval_tasks_limit, masks,
                                      self.rank, self.world, self.device, progress=self.master and sys.stderr.isatty())
         reshard(model)
-        res = report.task_summary(res)
+        res, seconds = report.task_summary(res), time.perf_counter() - t
         self.record(dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, tasks_model=label,
-                         tasks_limit=c.eval_tasks_limit, tasks=res))
+                         tasks_limit=c.eval_tasks_limit, tasks=res, tasks_seconds=seconds))
         self.log(f"{label} model, zero-shot: " + ", ".join(
             f"{n} {100 * v:.1f}" for n, v in report.headline(res).items()) +
-            f" (acc_norm where the task has it, else acc; {time.perf_counter() - t:.0f} s)")
+            f" (acc_norm where the task has it, else acc; {seconds:.0f} s)")
 
     def load_source(self, path) -> tuple[ModelConfig, dict | None]:
         """(config, weights) of a model: rank 0 reads the weights, the others get the config (and any error, so
@@ -670,7 +672,8 @@ def train(run: Run, ckpt: str | None):
     barrier()
     if run.master:
         checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf")))
-    run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)})")
+    run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)}); {clock_text(time.perf_counter() - run.started)} "
+            f"of wall time in this process, the training steps {clock_text(run.train_seconds)}")
 
 
 @dataclass
@@ -689,6 +692,7 @@ class StageState:
     clock: dict = field(default_factory=lambda: {"seconds": 0.0, "tokens": 0})  # training only, across resumes
     resumed: bool = False
     terminated: bool = False  # some rank got SIGTERM (all-reduced with the step's statistics)
+    started: float = 0.0  # perf_counter when this process began the stage (run_stage)
 
 
 def start_stage(run: Run, stage: Stage, model, resume: str | None) -> StageState:
@@ -732,6 +736,7 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
                disable=not (run.master and sys.stderr.isatty()))
     write = bar.write if not bar.disable else run.log
     first, t0, tokens = st.step, time.perf_counter(), 0  # tokens since the last log line, for its throughput
+    st.started = t0  # this process's wall clock of the stage (evaluations and saves included), for the ETA
     while True:
         step, last_step = st.step, st.step >= stage.steps  # (>: resumed with fewer steps, allow_changes)
         if st.l0 is not None:
@@ -769,7 +774,7 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
         st.clock["seconds"] += time.perf_counter() - t_step
         bar.update(1)
         if st.step % c.log_interval == 0 or st.step == stage.steps:
-            log_step(run, st, row, tokens / (time.perf_counter() - t0), write)
+            log_step(run, st, row, tokens / (time.perf_counter() - t0), write, first)
             tokens = 0
 
 
@@ -854,12 +859,22 @@ def clip_grad_norm(model, l0: L0Module | None, max_norm: float) -> float:
     return norm
 
 
-def log_step(run: Run, st: StageState, row: dict, tokens_per_s: float, write):
+def clock_text(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def log_step(run: Run, st: StageState, row: dict, tokens_per_s: float, write, first: int):
+    """The step's metrics row, and its log line: loss, learning rate, throughput, the stage's wall time so far and
+    the time to its last step at the pace since this process started it (evaluations and saves included)."""
     stage, step, l0 = st.stage, st.step, st.l0
     row = dict(stage=stage.name, step=step, iter=stage.offset + step, loss=row.pop("loss"), lr=row.pop("lr"),
                grad_norm=row.pop("grad_norm"), tokens_per_s=tokens_per_s, **row, **(l0.stats(step) if l0 else {}))
+    elapsed = time.perf_counter() - st.started
+    eta = elapsed / max(1, step - first) * (stage.steps - step)
     msg = (f"{stage.name} {step}/{stage.steps} | loss {row['loss']:.4f}" + (f" (distill {row['distill_loss']:.4f})"
-           if st.kd else "") + f" | lr {row['lr']:.2e} | {tokens_per_s:,.0f} tok/s")
+           if st.kd else "") + f" | lr {row['lr']:.2e} | {tokens_per_s:,.0f} tok/s | {clock_text(elapsed)} elapsed, "
+           f"ETA {clock_text(eta)}")
     if run.device.type == "cuda":
         row["mfu"] = report.mfu(st.model, tokens_per_s, run.world, stage.seq_len)
         msg += f" | mfu {row['mfu']:.1%}" if row["mfu"] else ""
@@ -911,6 +926,7 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
     rank 0, None elsewhere) for the next stage."""
     stage, l0, clock = st.stage, st.l0, st.clock
     row = dict(stage=stage.name, step=st.step, iter=stage.offset + st.step, stage_seconds=clock["seconds"],
+               stage_wall_seconds=time.perf_counter() - st.started,  # this process's: evaluations, saves, tasks too
                stage_tokens=clock["tokens"], stage_tokens_per_s=clock["tokens"] / max(clock["seconds"], 1e-9),
                peak_memory_gb=report.peak_memory_gb(run.device))
     if l0 is not None:  # how far the gates got: compaction cuts what they have not given up yet
@@ -926,6 +942,7 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
                  "mask, expected - target: " + ", ".join(f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in gaps.items()) +
                  f"; compacting to the target with {l0.values} kept values"))
     run.record(row)
+    run.train_seconds += clock["seconds"]
     if run.master:
         report.plot_metrics(run.dir)
         run.plotted = time.perf_counter()

@@ -106,8 +106,15 @@ def save(args, res: dict):
     os.replace(tmp, p)  # whole or not at all: a kill mid-write leaves the previous results
 
 
+def cpu_name() -> str:
+    try:  # Linux; the budgets' seconds depend on it
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(), cpu=cpu_name(),
                 cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
 
 
