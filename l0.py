@@ -77,6 +77,9 @@ from model import ModelConfig, Transformer
 
 MASKS = ("layer", "head", "intermediate", "hidden")
 TEMPERATURE = 2 / 3  # the hard-concrete temperature beta (Louizos et al.; the original's)
+# how far the shape from_budget picks may be from target_params before it is refused: real models land within 5%
+# (tests/test_l0.py), a tiny one's rounding steps (a multiple of 64 MLP channels, of lcm(heads, 8) hidden) are coarse
+BUDGET_TOLERANCE = 0.2
 
 
 @dataclass
@@ -99,7 +102,8 @@ class TargetShape:
         instead: from_budget."""
         if target_params:
             if target_hidden_size or target_num_hidden_layers or target_num_key_value_heads or target_intermediate_size:
-                raise ValueError("give either target_params or the target_* shape fields, not both")
+                raise ValueError("give either target_params or the target_* shape fields, not both, in one config "
+                                 "file or command line (a later file or --option replaces an earlier one's)")
             return cls.from_budget(src, target_params)
         nkv = target_num_key_value_heads or src.num_key_value_heads
         if not 1 <= nkv <= src.num_key_value_heads:  # query heads follow from it: name the field the user set
@@ -138,6 +142,13 @@ class TargetShape:
                        num_key_value_heads=nkv, intermediate_size=min(inter, src.intermediate_size))
 
         L = src.num_hidden_layers
+        smallest = total(shape(min_width, 1, align))  # the rule's smallest shape: one layer at min_width
+        if not smallest <= budget < source:
+            raise ValueError(
+                f"target_params={params:g} asks for {budget:,.0f} parameters, but a parameter budget for this "
+                f"{count_text(source)}-parameter model must be in [{count_text(smallest)}, {count_text(source)}) "
+                f"(as a fraction: [{smallest / source:.3f}, 1)); a value <= 1 is a fraction of the source's, > 1 a "
+                "count; for a smaller model give the target_* shape fields")
         lo, hi = 0.0, 1.0  # the width factor that meets the budget with every layer, by bisection
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -150,7 +161,17 @@ class TargetShape:
         a, b = shape(s, L, align), shape(s, L, 2 * align)
         per_channel = (total(b) - total(a)) / align
         inter = round((budget - total(a)) / per_channel / align) * align + align
-        return shape(s, L, max(align, min(inter, src.intermediate_size)))
+        out = shape(s, L, max(align, min(inter, src.intermediate_size)))
+        if out == cls.of(src):
+            raise ValueError(f"target_params={params:g} rounds to the source's own shape: nothing to prune; ask for "
+                             f"less than {count_text(total(shape(1.0, L, src.intermediate_size - align)))} "
+                             "parameters")
+        if abs(total(out) / budget - 1) > BUDGET_TOLERANCE:  # a small model's rounding steps are coarse
+            raise ValueError(f"target_params={params:g}: the nearest shape the rounding allows ({out}) has "
+                             f"{count_text(total(out))} parameters, {100 * (total(out) / budget - 1):+.0f}% off the "
+                             f"budget's {count_text(budget)} (more than {BUDGET_TOLERANCE:.0%}); give the target_* "
+                             "shape fields instead")
+        return out
 
     def validate(self, src: ModelConfig):
         """One-line ValueError unless `src` can be pruned to this shape."""
@@ -165,6 +186,11 @@ class TargetShape:
             replace(src, **asdict(self), head_dim=src.head_dim)
         except ValueError as e:
             raise ValueError(f"target shape: {e}") from None
+
+
+def count_text(n: float) -> str:
+    """A parameter count as people write it: 6.7B, 134.5M, 84,000."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,.0f}"
 
 
 def total_params(cfg: ModelConfig, shape: TargetShape | None = None) -> int:

@@ -55,7 +55,7 @@ import dro
 import report
 from checkpoint import STAGES, CheckpointError, RunDir, RunDirError, all_reduce, barrier, broadcast_object
 from data import DomainBins, MixtureSampler, tokenizer_fingerprint
-from l0 import L0Module, TargetShape, activation_importance, mask_generator, total_params
+from l0 import L0Module, TargetShape, activation_importance, count_text, mask_generator, total_params
 from model import ModelConfig, Transformer, prune_state_dict, tied_state_dict
 
 
@@ -216,6 +216,8 @@ PLOT_EVERY = 300  # seconds: plots/ is redrawn at an evaluation at most this oft
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
              "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
+SHAPE_FIELDS = {"target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads", "target_intermediate_size"}
+TARGET_FIELDS = SHAPE_FIELDS | {"target_params"}  # the target: a shape or a parameter budget (load_config)
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
 FIXED_ON_RESUME = {"init_from", "data_dir", "seed", "prune_seq_len", "cpt_seq_len", "domain_weighting",
                    "from_scratch", "target_params", "target_hidden_size", "target_num_hidden_layers",
@@ -268,14 +270,24 @@ def load_config(argv: list[str]) -> TrainConfig:
             close = difflib.get_close_matches(name, types, n=1)
             raise ConfigError(f"unknown config key {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
 
-    values = {}
-    for arg in argv:
+    values, origin = {}, {}  # key -> the index in argv of the file or option that set it
+
+    def put(key, val, i):
+        # the target is one setting given one of two ways: a budget from a later file or option replaces an earlier
+        # shape (--target_params=0.5 on top of config/demo.py) and the other way round; both in one place is an error
+        for other in ((SHAPE_FIELDS if key == "target_params" else {"target_params"}) if key in TARGET_FIELDS else ()):
+            if origin.get(other, i) < i:
+                values.pop(other)
+                origin.pop(other)
+        values[key], origin[key] = val, i
+
+    for i, arg in enumerate(argv):
         if arg.startswith("--"):
             key, eq, val = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"{arg}: write --key=value")
             check(key)
-            values[key] = _coerce(key, val, types[key], from_cli=True)
+            put(key, _coerce(key, val, types[key], from_cli=True), i)
         else:
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg} not found")
@@ -288,7 +300,7 @@ def load_config(argv: list[str]) -> TrainConfig:
                 if key.startswith("_") or callable(val) or type(val).__name__ == "module":
                     continue
                 check(key)
-                values[key] = _coerce(key, val, types[key], from_cli=False)
+                put(key, _coerce(key, val, types[key], from_cli=False), i)
     return TrainConfig(**values)
 
 
@@ -553,9 +565,12 @@ class Run:
             target.validate(mcfg)
         except ValueError as e:
             raise ConfigError(str(e) if str(e).startswith("target") else f"target shape: {e}") from None
-        if c.target_params:
-            self.log(f"target_params={c.target_params:g} -> target {report.describe(target)} "
-                     f"({total_params(mcfg, target) / 1e6:,.1f}M parameters)")
+        if c.target_params:  # say how the number was read: <= 1 a fraction of the source's, > 1 a count
+            source, n = total_params(mcfg), total_params(mcfg, target)
+            budget = c.target_params * source if c.target_params <= 1 else c.target_params
+            how = f"a fraction of the source's {count_text(source)}" if c.target_params <= 1 else "a count"
+            self.log(f"target_params={c.target_params:g} ({how}: {count_text(budget)} parameters) -> target "
+                     f"{report.describe(target)} ({count_text(n)} parameters, {100 * (n / budget - 1):+.1f}%)")
         return target
 
     def make_l0(self, mcfg: ModelConfig) -> L0Module:
@@ -599,7 +614,7 @@ class Run:
         sd = None
         if self.master:
             sd = Transformer(mcfg).init_weights(torch.Generator().manual_seed(self.cfg.seed)).state_dict()
-        self.log(f"from_scratch: {report.describe(mcfg)} ({total_params(mcfg) / 1e6:,.1f}M parameters), random "
+        self.log(f"from_scratch: {report.describe(mcfg)} ({count_text(total_params(mcfg))} parameters), random "
                  f"weights N(0, {mcfg.extra.get('initializer_range', 0.02)}) as Hugging Face initialises the family")
         return mcfg, sd
 

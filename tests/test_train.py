@@ -148,6 +148,16 @@ def test_shipped_configs_load():
     assert llama.target_hidden_size == 2560 and len(llama.reference_loss) == 7 and llama.cpt_steps == 0
 
 
+def test_a_budget_replaces_an_earlier_shape():
+    # the target is one setting: --target_params on top of a config's shape replaces it, and the other way round
+    demo = str(ROOT / "config" / "demo.py")
+    cfg = train.load_config([demo, "--target_params=0.5"])
+    assert cfg.target_params == 0.5 and cfg.target_hidden_size == cfg.target_intermediate_size == 0
+    cfg = train.load_config([demo, "--target_params=0.5", "--target_hidden_size=384"])
+    assert cfg.target_params == 0 and cfg.target_hidden_size == 384 and cfg.target_num_hidden_layers == 0
+    assert train.load_config([demo]).target_hidden_size == 480
+
+
 def test_convert_exports_a_run_checkpoint(setup, tmp_path):
     root, base, ref = setup
     assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--stop_at=4"]) == 0  # still pruning
