@@ -781,6 +781,8 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
                               "stop_at (or with a later one) to resume")
             raise StopRun(f"terminated (SIGTERM) at step {at}, with a checkpoint; run the same command again to "
                           "resume", code=143)
+        if st.l0 is not None and step == stage.steps - st.l0.landing_steps and (step > first or step == 0):
+            check_gates(run, st, "the landing begins")  # (not again when resumed inside the landing)
         t_step = time.perf_counter()
         row = train_step(run, st)
         st.step += 1
@@ -924,6 +926,34 @@ def evaluate_and_update(run: Run, st: StageState, update: bool):
         run.plotted = time.perf_counter()
 
 
+FAR_FROM_TARGET = 0.02  # of the prunable weights: without the landing, a gap of 0.039 cost +0.39 nats at compaction
+
+
+def check_gates(run: Run, st: StageState, when: str):
+    """Warn when the gates are far from the target where compaction (no landing) or the landing is about to move
+    them there by fiat: the units that go are then picked by the gates' order, not learned (docs/operations.md,
+    "Choosing prune_steps, lambda_lr and the budget"). With importance init that order is the ranking, the demo's
+    design; from uniform gates it is whatever a few steps of noisy gradients left, close to random."""
+    c, l0 = run.cfg, st.l0
+    s = l0.stats(st.step)
+    e, t = s["expected_sparsity"], s["final_sparsity"]
+    if abs(e - t) <= FAR_FROM_TARGET or c.mask_init == "importance" and l0.landing_steps:
+        return
+    left = st.stage.steps - st.step
+    how = (f"the landing moves them there in {left} step{'s' * (left != 1)}" if l0.landing_steps else
+           "compaction cuts the difference without training")
+    msg = (f"warning: when {when} the gates' expected sparsity is {e:.3f}, the target {t:.3f} (gap {e - t:+.3f}); "
+           f"{how}, so the units it removes are chosen by gates that")
+    if c.mask_init == "uniform":
+        msg += (f" started equal and had {st.step} steps to order themselves. Use mask_init=importance (a ranking "
+                f"from activations, as config/demo.py does), or more prune_steps or a larger lambda_lr "
+                f"(now {c.lambda_lr or c.lag_lr:g}) so that the Lagrangian reaches the target first")
+    else:
+        msg += (" did not reach it. Add a landing (prune_landing=0.25) or more prune_steps or a larger lambda_lr "
+                f"(now {c.lambda_lr or c.lag_lr:g})")
+    run.log(msg + " (docs/operations.md, \"Choosing prune_steps\")")
+
+
 def save(run: Run, st: StageState):
     pruning = st.l0 is not None
     state = dict(stage=st.stage.name, step=st.step, config=asdict(run.cfg), model_config=asdict(st.model.config),
@@ -956,6 +986,8 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
                  f"prune end: expected sparsity {s['expected_sparsity']:.3f}, target {s['final_sparsity']:.3f}; per "
                  "mask, expected - target: " + ", ".join(f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in gaps.items()) +
                  f"; compacting to the target with {l0.values} kept values"))
+    if l0 is not None and stage.steps and not l0.landing_steps:
+        check_gates(run, st, "compaction")
     run.record(row)
     run.train_seconds += clock["seconds"]
     if run.master:

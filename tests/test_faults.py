@@ -238,6 +238,20 @@ def test_ctrl_c_keeps_the_checkpoints(setup, stopped, tmp_path, monkeypatch, cap
     assert tree(run / "checkpoints") == before
 
 
+def test_gates_far_from_the_target_are_named_before_compaction(setup, tmp_path, capsys):
+    # six steps from uniform gates: the Lagrangian is nowhere near the target when compaction (or the landing) acts
+    root, base, ref = setup
+    assert train.main(base + [f"--out_dir={tmp_path / 'a'}", "--prune_landing=0", "--cpt_steps=0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: when compaction the gates' expected sparsity is 0.0" in out and "target 0.833" in out
+    assert "mask_init=importance" in out and "lambda_lr" in out
+    assert train.main(base + [f"--out_dir={tmp_path / 'b'}", "--cpt_steps=0"]) == 0  # the default landing
+    assert "warning: when the landing begins" in capsys.readouterr().out
+    # from the importance ranking, landing on it is the design (config/demo.py): no warning
+    assert train.main(base + [f"--out_dir={tmp_path / 'c'}", "--mask_init=importance", "--cpt_steps=0"]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_failed_start_does_not_block_the_corrected_command(setup, tmp_path, capsys):
     # an attempt that saved no checkpoint is not a run to protect: the corrected command starts, no --overwrite
     root, base, ref = setup
