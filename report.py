@@ -476,7 +476,9 @@ def eval_main(argv) -> int:
     except (ValueError, OSError, convert.ConvertError, CheckpointError) as e:
         print(f"train.py eval: error: {e}", file=sys.stderr)
         return 1
-    if rows:
+    if rows:  # (what `report` uses instead: the run's eval_batches x eval_batch_size; these flags match it)
+        print(f"{args.batches} x {args.batch_size} sequences of {args.seq_len} tokens per domain (--batches x "
+              "--batch_size, --seq_len; train.py report uses the run's eval_batches x eval_batch_size)")
         print(loss_table(bins.domains, rows))
     if scores:
         print(task_table(scores))

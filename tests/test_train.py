@@ -148,6 +148,21 @@ def test_shipped_configs_load():
     assert llama.target_hidden_size == 2560 and len(llama.reference_loss) == 7 and llama.cpt_steps == 0
 
 
+def test_eval_says_its_sequences_and_matches_report_on_the_same_ones(setup, capsys):
+    root, base, ref = setup
+    c = json.loads((ref / "config.json").read_text())
+    capsys.readouterr()
+    assert train.main(["report", str(ref)]) == 0
+    rep = capsys.readouterr().out
+    assert f"{c['eval_batches']} x {c['eval_batch_size']} sequences of {c['cpt_seq_len']} tokens per domain" in rep
+    assert train.main(["eval", str(ref / "hf"), f"--data_dir={root / 'data'}", f"--seq_len={c['cpt_seq_len']}",
+                       f"--batch_size={c['eval_batch_size']}", f"--batches={c['eval_batches']}"]) == 0
+    ev = capsys.readouterr().out
+    assert f"{c['eval_batches']} x {c['eval_batch_size']} sequences of {c['cpt_seq_len']} tokens per domain" in ev
+    row = lambda text, name: next(ln for ln in text.splitlines() if ln.startswith(name)).split()[1:]  # noqa: E731
+    assert row(rep, "final") == row(ev, str(ref / "hf"))
+
+
 def test_a_budget_replaces_an_earlier_shape():
     # the target is one setting: --target_params on top of a config's shape replaces it, and the other way round
     demo = str(ROOT / "config" / "demo.py")
