@@ -467,7 +467,9 @@ def parse_args(argv):
     add("--domain-field", metavar="FIELD", help="the row field that names its domain, e.g. meta.redpajama_set_name")
     add("--domains", metavar="A,B,...", help="comma-separated domains to keep (HF or demo), in this order")
     add("--max-mb-per-domain", metavar="MB", type=float,
-        help="stop reading a domain after this much text (default 4 for the demo, no cap otherwise)")
+        help="stop reading a domain once this much of its text has been read (UTF-8 text after extraction, not "
+        "file bytes: JSON escapes, markup and compression are not counted; the document that crosses it is kept "
+        "whole; the summary's text MB column). Default 4 for the demo, no cap otherwise")
     add("--max-tokens-per-domain", metavar="N", type=int, help="training tokens per domain (default: no cap)")
     add("--eos-token", metavar="TOKEN", help="token that ends every document (default: the tokenizer's "
         "<|endoftext|> or <|end_of_text|> if it has one, else its configured EOS)")

@@ -133,6 +133,18 @@ def test_prepare_budgets_and_no_bos(tmp_path, tok_dir):
         assert bins.val[d][0] != prepare.Tokenizer(tok_dir).token_id("<s>")
 
 
+def test_max_mb_caps_the_text_not_the_files(tmp_path, tok_dir):
+    # JSON escapes make the file three times the text: the cap counts the text, whole documents, one past the cap
+    docs = ["\u00fc\u2211 caf\u00e9 " * 200 + str(i) for i in range(60)]  # ~2.6 kB of UTF-8 each, 6 kB escaped
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    assert prepare.main(["--tokenizer", str(tok_dir), "--out", str(tmp_path / "ds"), "--domain",
+                         f"d={tmp_path / 'src'}", "--max-mb-per-domain", "0.05", "--val-tokens", "64", "--quiet"]) == 0
+    text = DomainBins(tmp_path / "ds").meta["domains"][0]["text_bytes"]
+    doc = len(docs[0].encode())
+    assert 50_000 <= text < 50_000 + doc + 10, text
+
+
 def test_prepare_uint32(tmp_path):
     tok_dir = make_tokenizer(tmp_path / "tok", extra_tokens=70_000)
     (tmp_path / "src").mkdir()
