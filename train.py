@@ -147,6 +147,7 @@ class TrainConfig:
     eval_tasks_dir: str = report.TASKS_DIR  # their data (make tasks)
     export_dtype: str = "float32"  # of pruned/ and hf/: float32 | bfloat16
     wandb_project: str = ""  # log to Weights & Biases too (if installed)
+    tensorboard_dir: str = ""  # write the numbers for TensorBoard there too (needs `pip install tensorboard`)
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
@@ -215,7 +216,7 @@ PLOT_EVERY = 300  # seconds: plots/ is redrawn at an evaluation at most this oft
 #                   end of every stage
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
-             "wandb_project", "compile", "activation_checkpointing", "eval_tasks_dir"}
+             "wandb_project", "tensorboard_dir", "compile", "activation_checkpointing", "eval_tasks_dir"}
 SHAPE_FIELDS = {"target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads", "target_intermediate_size"}
 TARGET_FIELDS = SHAPE_FIELDS | {"target_params"}  # the target: a shape or a parameter budget (load_config)
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
@@ -485,7 +486,7 @@ class Run:
         self.tokenizer = None  # the source's, for the tasks
         self.teacher = None  # the frozen source model, when distilling or measuring references against it
         self.src_path = None  # the source model (its tokenizer goes with every export)
-        self.wandb = None
+        self.wandb = self.tensorboard = None  # optional loggers (rank 0)
         self.started = time.perf_counter()
         self.train_seconds = 0.0  # the stages' training steps (their clocks, across resumes)
         self.plotted = time.perf_counter()  # when plots/ was last drawn (evaluate_and_update redraws it now and then)
@@ -500,6 +501,11 @@ class Run:
             self.dir.record(row)
             if self.wandb is not None:
                 self.wandb.log(row)
+            if self.tensorboard is not None:  # its scalars by the run's step; strings and tables stay in the files
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "iter"):
+                        self.tensorboard.add_scalar(k, v, row.get("iter", 0))
+                self.tensorboard.flush()
 
     def autocast(self):
         # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
@@ -671,6 +677,13 @@ def train(run: Run, ckpt: str | None):
                        resume="allow")
         except ImportError:
             print("wandb_project is set but wandb is not installed (pip install wandb); not logging to it")
+    if run.master and c.tensorboard_dir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            run.tensorboard = SummaryWriter(c.tensorboard_dir)
+        except ImportError:
+            print("tensorboard_dir is set but tensorboard is not installed (pip install tensorboard); not logging to "
+                  "it")
     names = [s.name for s in run.stages]
     if state is not None and state["stage"] not in names:
         raise ConfigError(f"{ckpt} is a checkpoint of the {state['stage']} stage, which {state['stage']}_steps=0 "

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 import time
 from pathlib import Path
 
@@ -161,6 +162,33 @@ def test_eval_says_its_sequences_and_matches_report_on_the_same_ones(setup, caps
     assert f"{c['eval_batches']} x {c['eval_batch_size']} sequences of {c['cpt_seq_len']} tokens per domain" in ev
     row = lambda text, name: next(ln for ln in text.splitlines() if ln.startswith(name)).split()[1:]  # noqa: E731
     assert row(rep, "final") == row(ev, str(ref / "hf"))
+
+
+def test_tensorboard_gets_the_numbers(setup, tmp_path, monkeypatch, capsys):
+    root, base, ref = setup
+    scalars = []
+
+    class SummaryWriter:  # the interface train.py uses, in place of the optional package
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", f"--tensorboard_dir={tmp_path / 'tb'}"]) == 0
+    tags = {t for t, _, _ in scalars}
+    assert {"loss", "val/easy", "weight/hard", "expected_sparsity", "stage_seconds"} <= tags
+    loss = [(step, v) for t, v, step in scalars if t == "loss"]
+    rows = [(r["iter"], r["loss"]) for r in metrics(tmp_path / "run") if "loss" in r]
+    assert loss == rows  # every logged step, at the run's step
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: one line, the run goes on
+    assert train.main(base + [f"--out_dir={tmp_path / 'run2'}", "--tensorboard_dir=tb", "--stop_at=1"]) == 0
+    assert "tensorboard is not installed (pip install tensorboard)" in capsys.readouterr().out
 
 
 def test_a_budget_replaces_an_earlier_shape():
