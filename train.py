@@ -1032,10 +1032,51 @@ def export(run: Run, mcfg: ModelConfig, sd: dict, name: str):
 # -----------------------------------------------------------------------------
 # main: the config, the run directory (lock, resume or refuse), the loop, one line per failure
 
+def launch(argv: list[str]) -> int:
+    """python train.py --nproc_per_node=N [torchrun's other options] CONFIG [--key=value ...]: torchrun's launcher in
+    this process, with its workers running this file. The same run as `torchrun ... train.py ...`, except at the
+    end: on Ctrl-C or SIGTERM torchrun forwards the signal, the workers checkpoint and each run ends with its own
+    line, and this process exits 130 / 143 where torchrun prints its SignalException and exits 1; a failed worker's
+    line is the only one, with its exit status, where torchrun adds a ChildFailedError report."""
+    import logging
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    options = torchrun.get_args_parser()._option_string_actions
+    mine, rest = [], []
+    for arg in argv:
+        name = arg.partition("=")[0]
+        if arg.startswith("--") and name in options:
+            if "=" not in arg and options[name].nargs != 0:
+                raise ConfigError(f"{arg}: write {name}=VALUE")
+            mine.append(arg)
+        else:
+            rest.append(arg)
+    for name in list(logging.root.manager.loggerDict):  # its notices (thread settings, "death signal"): ours say it
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(
+        next((a.partition("=")[2] for a in mine if a.partition("=")[0] in ("--nproc_per_node", "--nproc-per-node")),
+             "1")))))  # (torchrun sets 1 and says so; this shares the cores between the workers)
+    try:
+        torchrun.run(torchrun.parse_args([*mine, os.path.abspath(__file__), *rest]))
+    except SignalException as e:  # the workers got it too and ended with their own line (a checkpoint taken)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:  # the worker's own line is above; its exit status
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c > 0), 128 - min(codes) if min(codes) < 0 else 1)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["eval"], ["report"]):
         return report.main(argv)
+    if any(a.partition("=")[0] in ("--nproc_per_node", "--nproc-per-node") for a in argv):
+        try:
+            return launch(argv)
+        except ConfigError as e:
+            return fail(f"error: {e}", 2)
     # one process saves its checkpoint with torch.distributed.checkpoint too, which says so at every save
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     cfg = run = old_sigterm = None

@@ -630,6 +630,41 @@ def test_train_on_a_dataset_of_another_tokenizer(prepared, setup, tmp_path, caps
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signals_under_the_launcher_end_with_one_line(setup, tmp_path, sig):
+    # python train.py --nproc_per_node=2: a scheduler's SIGTERM to the launcher, or Ctrl-C in a terminal (SIGINT to
+    # the whole process group): the workers checkpoint, one line, 143 / 130, no traceback; the same command resumes
+    root, base, ref = setup
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--nproc_per_node=2", *base, f"--out_dir={run}",
+           "--save_interval=100"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while not any(r.get("step", 0) >= 2 for r in RunDir(run).read_metrics()) and time.time() < deadline:
+        time.sleep(0.01)
+    if sig == "SIGTERM":
+        p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == (143 if sig == "SIGTERM" else 130), (out[-2000:], err[-3000:])
+    assert "Traceback" not in err and "Traceback" not in out, err[-3000:]
+    lines = (out + err).splitlines()
+    assert not [ln for ln in lines if "death signal" in ln or "ChildFailedError" in ln], err[-3000:]
+    ends = [ln for ln in lines if "terminated" in ln or "interrupted" in ln]
+    if sig == "SIGTERM":  # checkpointed at the step boundary
+        assert len(ends) == 1 and "run the same command again" in ends[0] and RunDir(run).checkpoints(), lines
+    else:  # Ctrl-C stops where it is: the checkpoints there are (none yet) stay as they were
+        assert ends == ["train.py: interrupted"], lines
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and ("resumed prune at step" in r.stdout) == (sig == "SIGTERM"), r.stderr[-3000:]
+    wa, wb = weights(ref), weights(run)  # two processes, resumed: the one-process reference, within fp32 rounding
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_sigterm_saves_and_resumes(setup, tmp_path):
     # a scheduler's SIGTERM (before its SIGKILL): the step in progress finishes, a checkpoint is written at the next
     # step boundary (not only at save_interval), exit 143; the same command resumes to the uninterrupted weights
