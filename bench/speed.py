@@ -9,6 +9,8 @@ bench/results/speed-<device>.json.
     python bench/speed.py                                # CPU, fp32, 4 x 256 tokens, SmolLM2-135M and ~0.5B shapes
     python bench/speed.py --shapes smollm2-135m --reps 3 --no-memory
     python bench/speed.py --device cuda --dtype bfloat16 --batch 8 --seq 2048   # on a GPU
+    python bench/speed.py --matmul       # this machine's fp32 2048^3 matmul rate alone (seconds): the README's
+                                         # demo times scale about inversely with it
 
 Rows (random weights, shared by both implementations, one AdamW over them, so only the model code differs):
   train      forward + backward + AdamW step (the AdamW train.py uses), ours vs transformers' LlamaForCausalLM (SDPA
@@ -358,6 +360,31 @@ def memory_probe(shape, name, args, device, dtype):
         print(json.dumps({"peak_gb": vm_gb("VmHWM")}))
 
 
+def cpu_name() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def matmul_rate(args, device, dtype):
+    """The roofline's matmul alone: the median of 7 timed calls of matmul_reps products, after a warm-up."""
+    n, reps = args.matmul_size, args.matmul_reps
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(8):
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync()
+        times.append(time.perf_counter() - t)
+    rate = 2 * n ** 3 * reps / statistics.median(times[1:]) / 1e9
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {args.threads} threads"
+    print(f"{rate:,.0f} GFLOP/s: {n}^3 {str(dtype).removeprefix('torch.')} matmul on {where} (torch {torch.__version__})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--shapes", default="smollm2-135m,llama-0.5b", help=f"comma-separated, of {', '.join(SHAPES)}")
@@ -376,12 +403,15 @@ def main():
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--probe", nargs=2, metavar=("SHAPE", "NAME"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="JSON path (default: bench/results/speed-<device>.json)")
+    ap.add_argument("--matmul", action="store_true", help="only the matmul rate, printed (seconds)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gpu = device.type == "cuda"
     args.matmul_size = args.matmul_size or (8192 if gpu else 2048)
     args.matmul_reps = args.matmul_reps or (50 if gpu else 4)
+    if args.matmul:
+        return matmul_rate(args, device, dtype)
     if args.probe:
         return memory_probe(*args.probe, args, device, dtype)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
