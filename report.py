@@ -544,6 +544,7 @@ def report_main(argv) -> int:
             print(f"{r['stage']}: {r['step']} steps, {r['stage_seconds']:.0f} s of training{wall}, "
                   f"{r['stage_tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_gb']:.2f} GB{extra}")
     import transformers
+    transformers.utils.logging.disable_progress_bar()  # (its weight-loading bars, one per model)
     prompt = "The GNU General Public License is"
     for name, path in (("source", c["init_from"]), ("pruned", run.file("pruned")), ("final", run.file("hf"))):
         if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):

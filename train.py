@@ -701,7 +701,7 @@ def train(run: Run, ckpt: str | None):
     if run.master:
         checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf")))
     run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)}); {clock_text(time.perf_counter() - run.started)} "
-            f"of wall time in this process, the training steps {clock_text(run.train_seconds)}")
+            f"of wall time in this process, the run's training steps {clock_text(run.train_seconds)} in all")
 
 
 @dataclass
