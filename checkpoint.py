@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -449,7 +450,9 @@ def load_run(path: str) -> tuple[ModelConfig, dict, str]:
     with torch.device("meta"):
         shapes = Transformer(cfg).state_dict()
     sd = {"model": {k: torch.empty(v.shape) for k, v in shapes.items()}}
-    dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
+    with warnings.catch_warnings():  # one process reading a checkpoint: DCP says distributed is off, each time
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(sd, checkpoint_id=ckpt)  # reads the model's shards only, not the optimizer's
     sd = sd["model"]
     if state["stage"] == "prune":
         # the run's kept values (runs from before mask_values compacted with binary ones)

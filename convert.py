@@ -19,6 +19,7 @@ fused query_key_value (per head [q | k | v]) is split into q_proj / k_proj / v_p
 """
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -247,6 +248,14 @@ def load_hf(src: str, dtype=torch.float32) -> tuple[ModelConfig, dict]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ConvertError(f"{path}/config.json is not a usable model config: {e}") from None
         sd = hf_to_ours(_read_weights(path), cfg)
+        head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
+        if cfg.tie_word_embeddings and head is not None and embed is not None and not torch.equal(head, embed):
+            # a head of its own in the file: transformers then leaves the two untied, and so do we (the model the
+            # user has), where dropping it would prune another model
+            print(f"warning: {path}/config.json ties the embeddings, but its weights hold a separate lm_head.weight: "
+                  "used untied, as transformers does (set tie_word_embeddings to false there to silence this)",
+                  file=sys.stderr)
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     with torch.device("meta"):
         expected = tied_state_dict(cfg, {k: v.shape for k, v in Transformer(cfg).state_dict().items()}, lm_head=False)
     sd = tied_state_dict(cfg, sd, lm_head=False)
@@ -414,7 +423,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("to-hf", help="write SRC as a Hugging Face model directory OUT")
     t.add_argument("src", help="HF model directory, hub id (owner/name), .gguf file, or a train.py run directory "
-                   "(its latest checkpoint)")
+                   "(its final hf/ once finished, else its latest checkpoint)")
     t.add_argument("out", help="output directory")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype to write (default: as loaded, float32)")
@@ -431,7 +440,11 @@ def main(argv=None):
             raise ConvertError("SRC and OUT are the same directory")
         _parse_size(args.max_shard_size)
         dtype = getattr(torch, args.dtype or "float32")
-        if is_run_dir(args.src):  # its latest checkpoint (hf/ is already a Hugging Face directory)
+        final = os.path.join(args.src, "hf")
+        if is_run_dir(args.src) and os.path.isfile(os.path.join(args.src, "done.json")) and os.path.isdir(final):
+            path = final  # a finished run: its final weights, which no checkpoint holds
+            cfg, sd = load_hf(path, dtype=dtype)
+        elif is_run_dir(args.src):  # its latest checkpoint, compacted if it is still pruning
             cfg, sd, path = load_run(args.src)
             sd = {k: v.to(dtype) for k, v in sd.items()}
         else:

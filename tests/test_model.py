@@ -110,6 +110,23 @@ def test_legacy_config_fields():
         ModelConfig(rope_scaling={"rope_type": "yarn"})
 
 
+def test_a_tied_config_with_a_head_of_its_own_keeps_the_head(tmp_path, capsys):
+    # config.json ties the embeddings but the file holds a different lm_head.weight: transformers leaves them untied
+    from safetensors.torch import load_file, save_file
+    make_hf("llama_gqa", tmp_path / "m")
+    sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ours = convert.load_model(str(tmp_path / "m"))
+    assert "used untied, as transformers does" in capsys.readouterr().err
+    assert not ours.config.tie_word_embeddings
+    idx = tokens(256)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+    assert convert.verify(str(tmp_path / "m"), 1e-4) == 0
+
+
 def test_sharded_safetensors_and_bin(tmp_path):
     hf = make_hf("llama", tmp_path / "src")
     ours = convert.load_model(str(tmp_path / "src"))

@@ -208,9 +208,13 @@ def test_convert_exports_a_run_checkpoint(setup, tmp_path):
         out = tmp_path / f"hf-{run.name}"
         r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "to-hf", str(run), str(out)], cwd=ROOT,
                            capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0 and not r.stderr, r.stderr  # (no DCP warning either)
         hf = transformers.AutoModelForCausalLM.from_pretrained(out)
         assert (hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.num_key_value_heads) == (24, 2, 1)
+    # a finished run: its final weights (hf/), which no checkpoint holds
+    final, exported = load_file(str(ref / "hf" / "model.safetensors")), load_file(str(tmp_path / "hf-ref" /
+                                                                                     "model.safetensors"))
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
 
 
 def test_activation_checkpointing_changes_nothing(setup, tmp_path):
