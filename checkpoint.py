@@ -25,6 +25,7 @@ whole when written; the manifest catches what happened to it since (a truncated 
 checkpoints (a state.pt holding everything, no meta.json) load the same way.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -95,17 +96,25 @@ def error_text(e: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         inner = next(iter(failures.values()))
         e = inner[0] if isinstance(inner, tuple) else inner
-    return f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else \
-        (e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    first = (str(e).splitlines() or [""])[0]
+    return first if type(e) is OSError and first else f"{type(e).__name__}: {first}"  # (ours say what failed)
 
 
 def write_durably(path: str, write, atomic: bool = False):
     """write(f) to path, on disk before this returns; atomic: through path.tmp, so that a reader (or a rerun after
     a kill) sees the old file or the new one, never half of one."""
-    with open(path + ".tmp" if atomic else path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path + ".tmp" if atomic else path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, a write error, Ctrl-C: the old file stays, no half-written .tmp beside it
+        if atomic:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+        raise
     if atomic:
         os.replace(path + ".tmp", path)
 

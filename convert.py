@@ -28,13 +28,13 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from checkpoint import CheckpointError, is_run_dir, load_run
+from data import DirInUse, replace_dir
 from model import ModelConfig, Transformer, tied_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -335,18 +335,20 @@ def _save_weights(sd: dict, out: str, max_shard_bytes: int):
 
 def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dtype=None,
               max_shard_size: str = "5GB", force: bool = False):
-    """Write `model` as a Hugging Face directory at `out` (atomically: temp dir, then rename)."""
+    """Write `model` as a Hugging Face directory at `out`, durably (data.replace_dir: a kill or a full disk at any
+    point leaves the old `out` or the new one, never a mix, and the next export cleans up). A write error is an
+    OSError (safetensors' own error type included)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConvertError(f"{out} exists and is not a directory")
-    if os.path.exists(out) and os.listdir(out) and not force:
-        raise ConvertError(f"{out} exists and is not empty; pass --force to replace it")
     cfg = model.config
     sd = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
-    try:
-        _save_weights(ours_to_hf(sd, cfg), tmp, _parse_size(max_shard_size))
+    max_shard = _parse_size(max_shard_size)
+
+    def build(tmp):
+        try:
+            _save_weights(ours_to_hf(sd, cfg), tmp, max_shard)
+        except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+            raise OSError(f"could not write the weights in {out}: {e}") from None
         hf = cfg.to_hf()
         hf["dtype"] = hf["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")  # 5.x, 4.x
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -357,15 +359,12 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
         _ordinary_modes(tmp)
-        if os.path.exists(out):  # --force: move the old one aside only once the new one is complete
-            old = tmp + "-old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        replace_dir(out, build, force=force)
+    except FileExistsError:
+        raise ConvertError(f"{out} exists and is not empty; pass --force to replace it") from None
+    except DirInUse as e:
+        raise ConvertError(str(e)) from None
 
 
 def _ordinary_modes(path: str):

@@ -23,9 +23,14 @@ asked for. Within a domain, windows come from a seeded permutation per epoch (in
 reused before it is exhausted; then a new epoch starts (a warning is logged and the domain's epoch counter increases).
 """
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,107 @@ import numpy as np
 FORMAT = 1  # the meta.json layout: prepare.py writes it, DomainBins checks it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # the files that define the id <-> text mapping
 log = logging.getLogger(__name__)
+
+
+# -----------------------------------------------------------------------------
+# durable directories: a dataset (prepare.py) or a model export (convert.py, train.py) replaced so that at every
+# instant its path holds the old directory or the complete new one, or the next run can put one there
+
+class DirInUse(OSError):
+    pass
+
+
+@contextlib.contextmanager
+def dir_lock(out: str):
+    """Hold an exclusive lock on `out` (its .NAME.lock beside it) for the block; DirInUse if another process has it."""
+    parent, name = os.path.split(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise DirInUse(f"{out} is being written by another process (pid {f.read().strip() or '?'}); wait for "
+                           "it or choose another output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            os.remove(path)  # still holding it: nothing is left beside `out`
+    finally:
+        f.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: str):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def recover_dir(out: str):
+    """Finish or undo what a killed replace_dir of `out` left: a complete new copy (.NAME.new) is moved into place
+    (the swap it was making), an old copy (.NAME.old) goes once `out` is there (else it is put back), and the
+    half-built copies (.NAME.tmp-PID) of processes that are gone are removed; a live process's are left alone."""
+    parent, name = os.path.split(os.path.abspath(out))
+    new, old = os.path.join(parent, f".{name}.new"), os.path.join(parent, f".{name}.old")
+    if os.path.isdir(new):
+        if os.path.lexists(out) and not os.path.lexists(old):
+            os.rename(out, old)
+        if not os.path.lexists(out):
+            os.rename(new, out)
+    if os.path.lexists(old):
+        if os.path.lexists(out):
+            _remove(old)
+        else:
+            os.rename(old, out)
+    for tmp in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+        pid = tmp.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(out: str, build, force: bool = False, lock: bool = True):
+    """Write a directory at `out` by build(tmp): into a hidden sibling .NAME.tmp-PID, renamed .NAME.new once build
+    returns (complete), then swapped in: `out` -> .NAME.old, .NAME.new -> `out`, .NAME.old removed. A kill at any
+    point leaves `out` as it was, or `out` absent with a complete copy beside it that recover_dir (called first by
+    every replace_dir of the same path) puts in place: a complete copy is never deleted. Without `force` an
+    existing non-empty `out` is refused (FileExistsError). Holds dir_lock(out) throughout (lock=False: the caller
+    holds it)."""
+    parent, name = os.path.split(os.path.abspath(out))
+    with dir_lock(out) if lock else contextlib.nullcontext():
+        recover_dir(out)
+        if os.path.exists(out) and not force and (not os.path.isdir(out) or os.listdir(out)):
+            raise FileExistsError(f"{out} exists and is not empty")
+        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            build(tmp)
+            new, old = os.path.join(parent, f".{name}.new"), os.path.join(parent, f".{name}.old")
+            os.rename(tmp, new)  # complete: from here a kill leaves a copy that recover_dir moves into place
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.lexists(out):
+            os.rename(out, old)
+        os.rename(new, out)
+        _remove(old)
 
 
 def tokenizer_fingerprint(model_dir) -> str | None:

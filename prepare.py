@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import FORMAT, tokenizer_fingerprint
+from data import FORMAT, dir_lock, recover_dir, replace_dir, tokenizer_fingerprint
 
 VAL_EVERY = 5           # every 5th document is a validation document, until val is full
 BATCH_BYTES = 1 << 20   # text per tokenizer task: enough to amortize the inter-process traffic
@@ -558,12 +558,10 @@ def run(args) -> int:
                         break
                 texts.close()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run (Ctrl-C cleans up after itself)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir()
+    result = {}
+
+    def build(tmp):
+        tmp = Path(tmp)
         tokenize(docs, domains, tok, dtype, args, tmp)
         names = []
         for name in (args.domains or sorted(domains)) if args.hf_dataset else domains:
@@ -582,26 +580,21 @@ def run(args) -> int:
             names.append(name)
         if not names:
             raise PrepareError("no domain produced any tokens")
-        meta = dict(format=FORMAT, dtype=dtype.name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                    add_bos=tok.add_bos, tokenizer_fingerprint=settings["tokenizer_fingerprint"],
-                    tokenizer=dict(kind=tok.kind, dir=str(args.tokenizer)), settings=settings,
-                    domains=[dict(name=n, source=domains[n].source, text_bytes=domains[n].text_bytes,
-                                  train=dict(docs=domains[n].n["train"][0], tokens=domains[n].n["train"][1]),
-                                  val=dict(docs=domains[n].n["val"][0], tokens=domains[n].n["val"][1]))
-                             for n in names])
+        result["meta"] = meta = dict(
+            format=FORMAT, dtype=dtype.name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+            add_bos=tok.add_bos, tokenizer_fingerprint=settings["tokenizer_fingerprint"],
+            tokenizer=dict(kind=tok.kind, dir=str(args.tokenizer)), settings=settings,
+            domains=[dict(name=n, source=domains[n].source, text_bytes=domains[n].text_bytes,
+                          train=dict(docs=domains[n].n["train"][0], tokens=domains[n].n["train"][1]),
+                          val=dict(docs=domains[n].n["val"][0], tokens=domains[n].n["val"][1]))
+                     for n in names])
         with open(tmp / "meta.json", "w") as f:  # written last: a dir without it is never taken for a dataset
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if out.exists():  # --force: the old dataset goes only now that the new one is complete
-            os.rename(out, f"{tmp}-old")
-            os.rename(tmp, out)
-            shutil.rmtree(f"{tmp}-old")
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # the old dataset (--force) goes only once the new one is complete; a kill leaves one or the other
+    replace_dir(str(out), build, force=True, lock=False)  # (main holds the lock)
+    meta = result["meta"]
     secs = time.time() - t0
     mb = sum(d["text_bytes"] for d in meta["domains"]) / 1e6
     print_table(meta, out, note=f" ({mb:.1f} MB of text in {secs:.1f} s, {mb / secs:.2f} MB/s)")
@@ -610,7 +603,10 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        with dir_lock(str(args.out)):  # one prepare.py per OUT; what a killed one left is finished or undone first
+            recover_dir(str(args.out))
+            return run(args)
     except PrepareError as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2

@@ -108,8 +108,11 @@ def plot_metrics(run: RunDir):
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(run.file("plots"), f"{name}.png"), dpi=110)
-        plt.close(fig)
+        try:  # atomic: a kill or a full disk mid-redraw leaves the previous plot, never a truncated one
+            write_durably(os.path.join(run.file("plots"), f"{name}.png"),
+                          lambda f: fig.savefig(f, format="png", dpi=110), atomic=True)
+        finally:
+            plt.close(fig)
 
     for name, prefix, ylabel in (("weights", "weight/", "domain weight"),
                                  ("val_loss", "val/", "validation loss (nats/token)")):

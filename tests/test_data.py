@@ -8,7 +8,9 @@ import gzip
 import io
 import json
 import logging
+import os
 import random
+import signal
 import subprocess
 import sys
 import types
@@ -18,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import prepare
 from data import DomainBins, MixtureSampler
 
@@ -143,6 +146,58 @@ def test_max_mb_caps_the_text_not_the_files(tmp_path, tok_dir):
     text = DomainBins(tmp_path / "ds").meta["domains"][0]["text_bytes"]
     doc = len(docs[0].encode())
     assert 50_000 <= text < 50_000 + doc + 10, text
+
+
+@pytest.mark.parametrize("at", ["out_aside", "new_in_place"])
+def test_prepare_force_killed_between_the_renames_loses_nothing(tmp_path, tok_dir, capsys, at):
+    # SIGKILL at either rename of the --force swap (OUT -> .OUT.old, then .OUT.new -> OUT): the next run finishes
+    # the swap (the complete new dataset), never deletes a complete copy, and leaves nothing beside OUT
+    write_sources(tmp_path / "src")
+    out = tmp_path / "ds"
+    assert run_prepare(tok_dir, out, "--workers", 1, root=tmp_path / "src") == 0
+    src = tmp_path / "src"
+    args = ["--tokenizer", str(tok_dir), "--out", str(out), "--quiet", "--workers", "1", "--val-tokens", "100",
+            "--domain", f"code={src}/code", "--domain", f"prose={src}/*.jsonl*", "--domain", f"log={src}/*.parquet",
+            "--text-field", "meta.text"]
+    target = str(tmp_path / ".ds.old") if at == "out_aside" else str(out)
+    code = ("import os, signal, sys, prepare\n"
+            "rename = os.rename\n"
+            "def killed(a, b):\n"
+            "    rename(a, b)\n"
+            f"    if str(b) == {target!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.rename = killed\n"
+            "sys.exit(prepare.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *args, "--force"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert (tmp_path / ".ds.old").is_dir() and (tmp_path / ".ds.new" if at == "out_aside" else out).is_dir()
+    capsys.readouterr()
+    assert prepare.main(args) == 0  # without --force: the new settings are what the complete copy holds
+    assert "up to date" in capsys.readouterr().out
+    assert DomainBins(out).meta["settings"]["val_tokens"] == 100
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_two_prepares_on_one_out(tmp_path, tok_dir):
+    # a second prepare.py on the same OUT refuses at once; it never touches the first one's work in progress
+    write_sources(tmp_path / "src")
+    out = tmp_path / "ds"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f".ds.tmp-{other.pid}"  # a live process's half-built copy
+    (live / "code").mkdir(parents=True)
+    try:
+        with data.dir_lock(str(out)):
+            r = subprocess.run([sys.executable, "prepare.py", "--tokenizer", str(tok_dir), "--out", str(out),
+                                "--quiet", "--domain", f"code={tmp_path}/src/code"], cwd=REPO, capture_output=True,
+                               text=True)
+            assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+            assert f"is being written by another process (pid {os.getpid()})" in r.stderr
+        assert run_prepare(tok_dir, out, "--workers", 1, root=tmp_path / "src") == 0
+        assert (live / "code").is_dir()  # its process is alive: the copy is its own to finish or remove
+    finally:
+        other.kill()
+        other.wait()
+    assert run_prepare(tok_dir, out, "--workers", 1, "--force", root=tmp_path / "src") == 0
+    assert not live.exists()  # once it is gone, its leftover goes
 
 
 def test_prepare_uint32(tmp_path):

@@ -384,6 +384,19 @@ def _file_size_limit(limit):
     return preexec
 
 
+def test_a_failed_plot_redraw_keeps_the_previous_plot(setup, tmp_path):
+    # a write error while redrawing (RLIMIT_FSIZE below a plot's size): the old plots stay whole, no .tmp is left
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    before = tree(run / "plots")
+    code = f"import report; from checkpoint import RunDir; report.plot_metrics(RunDir({str(run)!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+                       preexec_fn=_file_size_limit(4000))
+    assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
+    assert tree(run / "plots") == before and not list((run / "plots").glob("*.tmp"))
+
+
 def test_full_disk_while_saving_a_checkpoint(setup, stopped, tmp_path):
     root, base, ref = setup
     run = tmp_path / "run"
@@ -413,10 +426,62 @@ def test_full_disk_while_exporting(setup, stopped, tmp_path, monkeypatch, capsys
     assert train.main(base + [f"--out_dir={run}"]) == 1
     one_line(capsys.readouterr().err, "No space left on device", "checkpoints", "are intact",
              "run the same command again")
-    assert not (run / "pruned").exists() and not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+    assert not (run / "pruned").exists() and hidden(run) == []
     monkeypatch.undo()
     assert train.main(base + [f"--out_dir={run}"]) == 0
     same_weights(ref, run)
+
+
+def hidden(path) -> list[str]:
+    """What a run directory (or a folder of exports) holds besides its files: temp copies, old copies, locks."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name.startswith(".") and p.name != ".lock")
+
+
+def test_a_real_full_disk_while_exporting(setup, stopped, tmp_path):
+    # RLIMIT_FSIZE between a plot's size and the compacted weights': safetensors' own error (not an OSError) while
+    # pruned/ is written, as on a full disk: one line, nothing half-written, and the same command resumes
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    limit = max(p.stat().st_size for p in (ref / "plots").iterdir()) + 4096
+    assert (ref / "pruned" / "model.safetensors").stat().st_size > limit
+    r = train_cli(base, run, preexec=_file_size_limit(limit))
+    assert r.returncode == 1, r.stderr[-2000:]
+    one_line(r.stderr, "train.py: error: could not write the weights in", "File too large", "are intact")
+    assert not (run / "pruned").exists() and hidden(run) == []
+    r = train_cli(base, run)
+    assert r.returncode == 0 and "resumed prune at step 4" in r.stdout, r.stderr[-2000:]
+    same_weights(ref, run)
+    # and convert.py to-hf, the same way
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "to-hf", str(ref), str(tmp_path / "out")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, preexec_fn=_file_size_limit(limit))
+    assert r.returncode == 1, r.stderr[-2000:]
+    one_line(r.stderr, "convert.py: error: could not write the weights", "File too large")
+    assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("at", ["out_aside", "new_in_place"])
+def test_export_force_killed_between_the_renames(setup, tmp_path, at):
+    # SIGKILL inside the --force swap of an export: OUT is, or becomes on the next run, the complete new copy
+    root, base, ref = setup
+    out = tmp_path / "out"
+    assert convert_cli("to-hf", root / "model", out).returncode == 0
+    target = str(tmp_path / ".out.old") if at == "out_aside" else str(out)
+    code = ("import os, signal, sys, convert\n"
+            "rename = os.rename\n"
+            "def killed(a, b):\n"
+            "    rename(a, b)\n"
+            f"    if str(b) == {target!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.rename = killed\n"
+            "convert.main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, "to-hf", str(ref), str(out), "--force"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert hidden(tmp_path)  # the swap was cut: the old copy, or the complete new one, waits beside OUT
+    r = convert_cli("to-hf", ref, out, "--force")  # the same command again
+    assert r.returncode == 0, r.stderr
+    assert hidden(tmp_path) == []
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(ref / "hf" / "model.safetensors")).keys()
 
 
 def test_sigkill_during_a_checkpoint_write(setup, stopped, tmp_path):

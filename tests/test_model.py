@@ -168,7 +168,7 @@ def test_export_refuses_to_overwrite(tmp_path):
         convert.export_hf(ours, str(tmp_path / "out"))
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     convert.export_hf(ours, str(tmp_path / "out"), force=True)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp, old or lock file beside it
 
 
 @pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "bad_weights", "bad_shape", "not_a_dir",
