@@ -217,7 +217,12 @@ def _read_gguf(path: str) -> tuple[ModelConfig, dict]:
         m = re.match(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$", name)
         if not m or m.group(2) not in names:
             raise ConvertError(f"{path}: unexpected GGUF tensor {name!r}")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except NotImplementedError:  # types gguf-py has no dequantizer for (F64, Q8_1, Q8_K, the integer types)
+            raise ConvertError(f"{path}: tensor {name!r} is of GGUF type {t.tensor_type.name}, which the gguf "
+                               "package cannot dequantize; convert a file with F32, F16, BF16 or Q4_0..Q6_K "
+                               "tensors (or the Hugging Face checkpoint)") from None
         if m.group(2) == "attn_q":
             w = unpermute(w, nh)
         elif m.group(2) == "attn_k":

@@ -76,7 +76,7 @@ def describe(m) -> str:
 
 def loss_table(domains, rows) -> str:
     """rows: (name, params, per-domain losses) -> a table of loss (perplexity) with the mean and worst domain."""
-    w = max(12, *(len(r[0]) for r in rows))
+    w = max([12, *(len(r[0]) for r in rows)])
     head = (f"{'model':<{w}} {'params':>8} " + " ".join(f"{d[:15]:>15}" for d in domains) +
             f" {'mean':>15} {'worst':>15}")
     lines = [head, "-" * len(head)]
@@ -517,7 +517,11 @@ def report_main(argv) -> int:
         print(f"train.py report: error: {run.config} has no {e} (not a train.py config?)", file=sys.stderr)
         return 1
     print(f"\n{run.path}: {c['eval_batches']} x {c['eval_batch_size']} sequences of {seq_len} tokens per domain")
-    print(loss_table(bins.domains, rows))
+    if rows:
+        print(loss_table(bins.domains, rows))
+    else:  # the source moved and nothing is exported yet: what the run logged is still worth showing
+        print(f"no model to measure: the source {c['init_from']} is not there and the run has not exported "
+              "pruned/ or hf/ yet")
     metrics = run.read_metrics()
     scored = [r for r in metrics if "tasks" in r]  # the run's own (eval_tasks)
     for limit in dict.fromkeys(r["tasks_limit"] for r in scored):

@@ -118,11 +118,11 @@ def _neox(root, tmp):  # GPT-NeoX: 3 heads x 16 = hidden 48; 2 heads need hidden
     return [f"--init_from={tmp / 'neox'}", "--target_num_key_value_heads=2", "--target_hidden_size=40"]
 
 
-def _gguf(damage):
+def _gguf(damage, dtype="float32"):
     def make(root, tmp):
         import transformers
         from test_model import write_gguf
-        write_gguf(transformers.AutoModelForCausalLM.from_pretrained(root / "model"), tmp / "m.gguf")
+        write_gguf(transformers.AutoModelForCausalLM.from_pretrained(root / "model"), tmp / "m.gguf", dtype=dtype)
         damage(tmp / "m.gguf")
         return [f"--init_from={tmp / 'm.gguf'}"]
     return make
@@ -185,6 +185,7 @@ TRAIN_CASES = {
     "model_weights_garbage": (_model(lambda m: (m / "model.safetensors").write_bytes(os.urandom(4096))),
                               "not a readable safetensors file"),
     "gguf_truncated": (_gguf(lambda p: _truncate(p, 0.75)), "truncated or corrupted"),
+    "gguf_f64_tensors": (_gguf(lambda p: None, dtype="float64"), "of GGUF type F64, which the gguf package cannot"),
     "gguf_garbage": (_gguf(lambda p: p.write_bytes(b"GGUF" + os.urandom(2000))),
                      "m.gguf is not a readable GGUF file"),
     "model_no_weights": (_model(lambda m: (m / "model.safetensors").unlink()), "has no *.safetensors"),
@@ -430,6 +431,45 @@ def test_full_disk_while_exporting(setup, stopped, tmp_path, monkeypatch, capsys
     monkeypatch.undo()
     assert train.main(base + [f"--out_dir={run}"]) == 0
     same_weights(ref, run)
+
+
+def _edit_config(edit):
+    def make(run):
+        c = json.loads((run / "config.json").read_text())
+        edit(c)
+        (run / "config.json").write_text(json.dumps(c))
+    return make
+
+
+REPORT_CASES = {  # train.py report on what is not (or no longer) a whole run: one line, exit 1
+    "config_corrupted": (lambda run: (run / "config.json").write_text("{"), "Expecting property name"),
+    "not_a_train_config": (lambda run: (run / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'),
+                           "has no 'data_dir' (not a train.py config?)"),
+    "data_moved": (_edit_config(lambda c: c.update(data_dir="/nonexistent/data")), "no dataset at /nonexistent/data"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+def test_report_bad_run(case, setup, tmp_path, capsys):
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    edit, msg = REPORT_CASES[case]
+    edit(run)
+    capsys.readouterr()
+    assert report.main(["report", str(run)]) == 1
+    one_line(capsys.readouterr().err, "train.py report: error: ", msg)
+
+
+def test_report_of_a_half_finished_run_whose_source_is_gone(setup, stopped, tmp_path, capsys):
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    _edit_config(lambda c: c.update(init_from="/nonexistent/model"))(run)
+    capsys.readouterr()
+    assert report.main(["report", str(run)]) == 0
+    out = capsys.readouterr()
+    assert "no model to measure: the source /nonexistent/model is not there" in out.out and not out.err
 
 
 def hidden(path) -> list[str]:

@@ -257,8 +257,9 @@ def test_hub_id_from_local_cache(tmp_path):
     assert r.returncode == 1 and "could not get tiny/absent" in r.stderr
 
 
-def write_gguf(hf, path, extra_tensors=(), scaling=None):
-    """Write a tiny HF Llama as llama.cpp does: GGUF names, q/k rows permuted for its interleaved RoPE."""
+def write_gguf(hf, path, extra_tensors=(), scaling=None, dtype="float32"):
+    """Write a tiny HF Llama as llama.cpp does: GGUF names, q/k rows permuted for its interleaved RoPE (the
+    weights as `dtype`: float64 gives GGUF F64 tensors)."""
     import gguf
     import numpy as np
     c = hf.config
@@ -290,7 +291,7 @@ def write_gguf(hf, path, extra_tensors=(), scaling=None):
     for k, v in hf.state_dict().items():
         if k == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        x = v.numpy().astype(np.float32)
+        x = v.numpy().astype(dtype)
         layer, _, rest = k.removeprefix("model.layers.").partition(".")
         if k.startswith("model.layers."):
             mod = rest.rsplit(".", 1)[0]
