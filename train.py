@@ -747,7 +747,12 @@ def start_stage(run: Run, stage: Stage, model, resume: str | None) -> StageState
         if l0 is not None:
             l0.load_state_dict(state["l0"])
             optimizers[1].load_state_dict(state["l0_opt"])
-        st.sampler.load_state_dict(state["sampler"])
+        try:
+            st.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {resume}: the dataset {c.data_dir} changed since it was written "
+                              f"({e}); put back the data the run was trained on, or start over with "
+                              "--overwrite=true (or another out_dir)") from None
         st.weighter.load_state_dict(state["weighter"])
         st.step = st.saved = state["step"]
         st.clock, st.resumed = dict(state.get("clock", st.clock)), True

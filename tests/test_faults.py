@@ -437,7 +437,7 @@ def _edit_config(edit):
     def make(run):
         c = json.loads((run / "config.json").read_text())
         edit(c)
-        (run / "config.json").write_text(json.dumps(c))
+        (run / "config.json").write_text(json.dumps(c, indent=1))  # (as the run writes it)
     return make
 
 
@@ -459,6 +459,40 @@ def test_report_bad_run(case, setup, tmp_path, capsys):
     capsys.readouterr()
     assert report.main(["report", str(run)]) == 1
     one_line(capsys.readouterr().err, "train.py report: error: ", msg)
+
+
+def _reorder_domains(d):
+    meta = json.loads((d / "meta.json").read_text())
+    meta["domains"] = meta["domains"][::-1]
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _shrink_domain(d):  # "mid" rebuilt with less text: a consistent dataset, but not the one the run began on
+    meta = json.loads((d / "meta.json").read_text())
+    m = next(x for x in meta["domains"] if x["name"] == "mid")
+    (d / "mid" / "train.bin").write_bytes((d / "mid" / "train.bin").read_bytes()[:20000])
+    m["train"]["tokens"] = 10000
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change", [(_reorder_domains, "its domains were ['easy', 'mid', 'hard'], now ['hard', 'mid', "
+                                                        "'easy']"),
+                                    (_shrink_domain, "domain 'mid' had 562 training windows of 32 tokens, now "
+                                                     "312")], ids=["reordered", "rebuilt"])
+def test_resume_on_a_changed_dataset_is_one_line(setup, stopped, tmp_path, capsys, change):
+    root, base, ref = setup
+    run, data = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(stopped, run)
+    shutil.copytree(root / "data", data)
+    _edit_config(lambda c: c.update(data_dir=str(data)))(run)  # (the run began on this copy)
+    edit, msg = change
+    edit(data)
+    before = {k: v for k, v in tree(run).items() if k != "config.json"}  # (rewritten with the new out_dir)
+    capsys.readouterr()
+    assert train.main(base + [f"--out_dir={run}", f"--data_dir={data}"]) == 2
+    one_line(capsys.readouterr().err, "cannot resume from", "the dataset", "changed since it was written", msg,
+             "--overwrite=true")
+    assert {k: v for k, v in tree(run).items() if k != "config.json"} == before
 
 
 def test_report_of_a_half_finished_run_whose_source_is_gone(setup, stopped, tmp_path, capsys):
