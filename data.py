@@ -232,6 +232,19 @@ class DomainBins:
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != self.tokenizer_fingerprint:
             raise ValueError(f"{self.path} was tokenized with another tokenizer ({self.tokenizer_fingerprint[:19]}) "
                              f"than the model's ({tokenizer_fingerprint[:19]}); rerun prepare.py --tokenizer MODEL_DIR")
+        top = self.max_token_id()
+        if top >= min(vocab_size, self.vocab_size):  # found now, not at the batch that samples it hours in
+            raise ValueError(f"{self.path} holds token id {top}, beyond the {min(vocab_size, self.vocab_size)}-token "
+                             "vocabulary its meta.json and the model have: the bins are not what meta.json says; "
+                             "rerun prepare.py --force")
+
+    def max_token_id(self) -> int:
+        """The largest id in the bins: meta.json's max_token_id (prepare.py records it), else read once, here."""
+        if "max_token_id" in self.meta:
+            return int(self.meta["max_token_id"])
+        chunk = 1 << 24
+        return max((int(a[i:i + chunk].max()) for a in (*self.train, *self.val) for i in range(0, len(a), chunk)),
+                   default=-1)
 
     def val_batches(self, domain, seq_len: int, batch_size: int, max_batches: int | None = None,
                     rank: int = 0, world_size: int = 1):

@@ -349,6 +349,7 @@ class Domain:
     source: str
     optional: bool = False  # demo domains are dropped (with a warning) when they come out empty
     read_bytes: int = 0     # text handed to the tokenizer (for --max-mb-per-domain)
+    max_id: int = -1        # the largest token id written (meta.json's max_token_id, checked by data.py)
     text_bytes: int = 0     # text of the documents written
     docs: int = 0           # documents written so far; their index picks the validation documents
     full: bool = False      # train budget and val reached: read no more
@@ -405,6 +406,7 @@ def tokenize(docs, domains: dict, tok: Tokenizer, dtype, args, tmp: Path):
                     (tmp / name).mkdir(exist_ok=True)
                     d.files[split] = open(tmp / name / f"{split}.bin", "wb", buffering=1 << 20)
                 d.files[split].write(doc.tobytes())
+                d.max_id = max(d.max_id, int(doc.max(initial=-1)))
                 d.n[split][0] += 1
                 d.n[split][1] += len(doc)
                 d.docs += 1
@@ -582,7 +584,8 @@ def run(args) -> int:
             raise PrepareError("no domain produced any tokens")
         result["meta"] = meta = dict(
             format=FORMAT, dtype=dtype.name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-            add_bos=tok.add_bos, tokenizer_fingerprint=settings["tokenizer_fingerprint"],
+            add_bos=tok.add_bos, max_token_id=max(domains[n].max_id for n in names),
+            tokenizer_fingerprint=settings["tokenizer_fingerprint"],
             tokenizer=dict(kind=tok.kind, dir=str(args.tokenizer)), settings=settings,
             domains=[dict(name=n, source=domains[n].source, text_bytes=domains[n].text_bytes,
                           train=dict(docs=domains[n].n["train"][0], tokens=domains[n].n["train"][1]),

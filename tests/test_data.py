@@ -110,6 +110,7 @@ def test_prepare_roundtrip_all_formats(tmp_path, tok_dir):
     assert bins.domains == ["code", "prose", "log"] and bins.dtype == np.uint16 and tok.add_bos
     assert (bins.bos_id, bins.eos_id) == (tok.token_id("<s>"), tok.token_id("<|endoftext|>"))
     bins.check_compatible(tok.vocab_size, prepare.tokenizer_fingerprint(tok_bos))
+    assert bins.meta["max_token_id"] == max(int(a.max()) for a in (*bins.train, *bins.val))  # recorded, not read
     for d, name in enumerate(bins.domains):
         train = [tok.decode(p) for p in pieces(bins.train[d], bins.eos_id, bins.bos_id)]
         val = [tok.decode(p) for p in pieces(bins.val[d], bins.eos_id, bins.bos_id)]

@@ -113,6 +113,12 @@ def _meta(change):
     return edit
 
 
+def _poke(path: Path, index: int, token: int):  # one uint16 token id, deep in a bin (a batch hours into a run)
+    data = bytearray(path.read_bytes())
+    data[2 * index:2 * index + 2] = token.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
 def _neox(root, tmp):  # GPT-NeoX: 3 heads x 16 = hidden 48; 2 heads need hidden 32
     make_hf("neox_sequential", tmp / "neox")
     return [f"--init_from={tmp / 'neox'}", "--target_num_key_value_heads=2", "--target_hidden_size=40"]
@@ -175,6 +181,8 @@ TRAIN_CASES = {
     "data_meta_field_missing": (_data(_meta(lambda m: m.pop("vocab_size"))), "meta.json is corrupted (KeyError"),
     "data_bin_missing": (_data(lambda d: (d / "mid" / "train.bin").unlink()), "mid/train.bin is missing"),
     "data_bin_truncated": (_data(lambda d: _truncate(d / "hard" / "val.bin")), "hard/val.bin holds 2000 bytes but"),
+    "data_ids_beyond_the_vocab": (_data(lambda d: _poke(d / "hard" / "train.bin", 5000, 300)),
+                                  "holds token id 300, beyond the 256-token vocabulary"),
     "data_larger_vocab": (_data(_meta(lambda m: m.update(vocab_size=300))),
                           "tokenized with a 300-token vocabulary but the model has 256 embeddings"),
     "data_other_tokenizer": (_model(lambda m: (m / "tokenizer.json").write_text('{"model": {"vocab": {}}}')),
