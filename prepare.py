@@ -406,7 +406,7 @@ def tokenize(docs, domains: dict, tok: Tokenizer, dtype, args, tmp: Path):
                     (tmp / name).mkdir(exist_ok=True)
                     d.files[split] = open(tmp / name / f"{split}.bin", "wb", buffering=1 << 20)
                 d.files[split].write(doc.tobytes())
-                d.max_id = max(d.max_id, int(doc.max(initial=-1)))
+                d.max_id = max(d.max_id, int(doc.max())) if len(doc) else d.max_id
                 d.n[split][0] += 1
                 d.n[split][1] += len(doc)
                 d.docs += 1
