@@ -408,7 +408,7 @@ def test_domainbins_errors(tmp_path):
 
 
 def test_check_compatible(tmp_path):
-    bins = DomainBins(make_bins(tmp_path, [100], dtype="uint16", vocab=1000))
+    bins = DomainBins(make_bins(tmp_path, [100], val=800, dtype="uint16", vocab=1000))  # ids 0..899
     bins.check_compatible(1000, "sha256:test")
     bins.check_compatible(1024)  # a padded embedding is fine
     with pytest.raises(ValueError, match="1000-token vocabulary but the model has 999"):
