@@ -354,15 +354,15 @@ class MixtureSampler:
 
     def load_state_dict(self, state: dict):
         mine = self.state_dict()
+        for key in ("seed", "seq_len"):  # what the windows and permutations depend on
+            if state.get(key) != mine[key]:
+                raise ValueError(f"sampler state does not fit: {key} was {state.get(key)}, now {mine[key]}")
         if state.get("domains") != mine["domains"]:  # the dataset changed under the run: say how
             raise ValueError(f"its domains were {state.get('domains')}, now {mine['domains']}")
         if state.get("windows") != mine["windows"]:
             raise ValueError(", ".join(
                 f"domain {d!r} had {a:,} training windows of {self.seq_len} tokens, now {b:,}"
                 for d, a, b in zip(mine["domains"], state["windows"], mine["windows"]) if a != b) + " (rebuilt?)")
-        for key in ("seed", "seq_len"):  # what the windows and permutations depend on
-            if state.get(key) != mine[key]:
-                raise ValueError(f"sampler state does not fit: {key} was {state.get(key)}, now {mine[key]}")
         self.step = int(state["step"])
         self.epoch, self.cursor = [int(e) for e in state["epoch"]], [int(c) for c in state["cursor"]]
         self._perm = [None] * len(self.windows)
