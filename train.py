@@ -35,6 +35,7 @@ import datetime
 import difflib
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -496,8 +497,30 @@ class Run:
         if self.master:
             print(msg, flush=True)
 
-    def record(self, row: dict):
+    def on_master(self, fn):
+        """fn() on rank 0 alone (the run's files: metrics, masks, exports), called by every rank at the same point:
+        an exception there is raised on every rank alike, so that none waits in a collective for a rank that has
+        stopped, and rank 0's line is the run's one line."""
+        result = error = None
         if self.master:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 (re-raised below, on every rank)
+                error = e
+        if self.world > 1:
+            try:
+                pickle.dumps(error)
+                shared = error
+            except Exception:  # noqa: BLE001
+                shared = RuntimeError(f"{type(error).__name__}: {error}")
+            shared = broadcast_object(shared)
+            error = error if self.master else shared
+        if error is not None:
+            raise error
+        return result
+
+    def record(self, row: dict):
+        def write():
             self.dir.record(row)
             if self.wandb is not None:
                 self.wandb.log(row)
@@ -506,6 +529,17 @@ class Run:
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "iter"):
                         self.tensorboard.add_scalar(k, v, row.get("iter", 0))
                 self.tensorboard.flush()
+        self.on_master(write)
+
+    def plot(self):
+        """Redraw plots/ (rank 0); a failure to write them is a warning, not the end of the run."""
+        if self.master:
+            try:
+                report.plot_metrics(self.dir)
+            except OSError as e:
+                print(f"warning: could not redraw {self.dir.file('plots')} ({checkpoint.error_text(e)}); the run "
+                      "goes on", flush=True)
+            self.plotted = time.perf_counter()
 
     def autocast(self):
         # FSDP2 applies mixed precision itself (bf16 weights and residual stream); one process uses autocast (fp32
@@ -698,8 +732,7 @@ def train(run: Run, ckpt: str | None):
         del model  # the stage holds it, and finish_stage lets it go before compaction
         mcfg, sd = run_stage(run, st, last_stage=i + 1 == len(run.stages))
     barrier()
-    if run.master:
-        checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf")))
+    run.on_master(lambda: checkpoint.write_json(run.dir.done, dict(model_config=asdict(mcfg), hf=run.dir.file("hf"))))
     run.log(f"done: {run.dir.file('hf')} ({report.describe(mcfg)}); {clock_text(time.perf_counter() - run.started)} "
             f"of wall time in this process, the run's training steps {clock_text(run.train_seconds)} in all")
 
@@ -939,9 +972,8 @@ def evaluate_and_update(run: Run, st: StageState, update: bool):
                     **{f"val/{n}": float(v) for n, v in zip(run.domains, val)}, **weighter.stats(), **sparsity))
     run.log(f"{stage.name} {step}/{stage.steps} eval | " + " ".join(
         f"{n} {v:.3f} ({w:.3f})" for n, v, w in zip(run.domains, val, weighter.q)) + "  [val loss (weight)]")
-    if run.master and time.perf_counter() - run.plotted > PLOT_EVERY:  # (and at the end of every stage)
-        report.plot_metrics(run.dir)
-        run.plotted = time.perf_counter()
+    if time.perf_counter() - run.plotted > PLOT_EVERY:  # (and at the end of every stage)
+        run.plot()
 
 
 FAR_FROM_TARGET = 0.02  # of the prunable weights: without the landing, a gap of 0.039 cost +0.39 nats at compaction
@@ -1008,22 +1040,22 @@ def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfi
         check_gates(run, st, "compaction")
     run.record(row)
     run.train_seconds += clock["seconds"]
-    if run.master:
-        report.plot_metrics(run.dir)
-        run.plotted = time.perf_counter()
+    run.plot()
     masks = l0.deterministic_masks() if l0 is not None else None  # what compaction keeps
     if last_stage and run.tasks:  # after pruning alone, under the masks compaction applies: the compacted model
         run.score_tasks(st.model, masks, "final", st)
     mcfg, sd = st.model.config, full_state_dict(st.model)
     st.model = st.optimizers = None  # gathered: the shards can go before the compacted copy is made
     if l0 is not None:  # compact: gathered on rank 0, re-sharded when the next stage builds it
-        if run.master:
-            mcfg, sd = prune_state_dict(mcfg, sd, masks)
+        def compact():
+            cfg, full = prune_state_dict(mcfg, sd, masks)
             checkpoint.save_masks(run.dir, l0, masks)
-            export(run, mcfg, sd, "pruned")
+            export(run, cfg, full, "pruned")
+            return cfg, full
+        mcfg, sd = run.on_master(compact) or (None, None)
         mcfg = broadcast_object(mcfg)
-    if last_stage and run.master:
-        export(run, mcfg, sd, "hf")
+    if last_stage:
+        run.on_master(lambda: export(run, mcfg, sd, "hf"))
     return mcfg, sd
 
 
@@ -1059,7 +1091,7 @@ def launch(argv: list[str]) -> int:
             rest.append(arg)
     for name in list(logging.root.manager.loggerDict):  # its notices (thread settings, "death signal"): ours say it
         if name.startswith("torch.distributed"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(
         next((a.partition("=")[2] for a in mine if a.partition("=")[0] in ("--nproc_per_node", "--nproc-per-node")),
              "1")))))  # (torchrun sets 1 and says so; this shares the cores between the workers)
@@ -1098,10 +1130,10 @@ def main(argv=None):
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
         ckpt = run.dir.find_resume(run.rank, run.world, run.log)
-        if run.master:  # the lines written after the checkpoint go (they will be written again)
+        def truncate():  # the lines written after the checkpoint go (they will be written again)
             st = checkpoint.read_state(ckpt) if ckpt is not None else {"stage": None, "step": 0}
             run.dir.truncate_metrics(st["stage"], st["step"])
-        barrier()
+        run.on_master(truncate)
         train(run, ckpt)
         barrier()  # leave together: a rank tearing gloo down while another still talks to it can abort
     except StopRun as e:

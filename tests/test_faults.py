@@ -542,6 +542,22 @@ def test_a_real_full_disk_while_exporting(setup, stopped, tmp_path):
     assert not (tmp_path / "out").exists() and hidden(tmp_path) == []
 
 
+def test_a_failure_only_rank_0_sees_ends_every_rank_with_one_line(setup, stopped, tmp_path):
+    # two processes, resumed from the one-process checkpoint: rank 0 alone writes pruned/, and fails (a real write
+    # error); rank 1 must not wait in the next collective and die with gloo's "Connection closed by peer"
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    limit = max(p.stat().st_size for p in (ref / "plots").iterdir()) + 4096
+    cmd = [sys.executable, str(ROOT / "train.py"), "--nproc_per_node=2", *base, f"--out_dir={run}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                       preexec_fn=_file_size_limit(limit))
+    assert r.returncode == 1, (r.stdout[-2000:], r.stderr[-3000:])
+    one_line(r.stderr, "train.py: error: could not write the weights in", "File too large", "are intact")
+    assert "Traceback" not in r.stdout and "Connection closed" not in r.stdout
+    assert not (run / "pruned").exists() and hidden(run) == []
+
+
 @pytest.mark.parametrize("at", ["out_aside", "new_in_place"])
 def test_export_force_killed_between_the_renames(setup, tmp_path, at):
     # SIGKILL inside the --force swap of an export: OUT is, or becomes on the next run, the complete new copy
