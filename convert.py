@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from checkpoint import CheckpointError, is_run_dir, load_run
-from data import DirInUse, replace_dir
+from data import DirExists, DirInUse, replace_dir
 from model import ModelConfig, Transformer, tied_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -366,7 +366,7 @@ def export_hf(model: Transformer, out: str, tokenizer_src: str | None = None, dt
         _ordinary_modes(tmp)
     try:
         replace_dir(out, build, force=force)
-    except FileExistsError:
+    except DirExists:
         raise ConvertError(f"{out} exists and is not empty; pass --force to replace it") from None
     except DirInUse as e:
         raise ConvertError(str(e)) from None

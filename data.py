@@ -50,6 +50,10 @@ class DirInUse(OSError):
     pass
 
 
+class DirExists(FileExistsError):
+    pass
+
+
 @contextlib.contextmanager
 def dir_lock(out: str):
     """Hold an exclusive lock on `out` (its .NAME.lock beside it) for the block; DirInUse if another process has it."""
@@ -120,13 +124,13 @@ def replace_dir(out: str, build, force: bool = False, lock: bool = True):
     returns (complete), then swapped in: `out` -> .NAME.old, .NAME.new -> `out`, .NAME.old removed. A kill at any
     point leaves `out` as it was, or `out` absent with a complete copy beside it that recover_dir (called first by
     every replace_dir of the same path) puts in place: a complete copy is never deleted. Without `force` an
-    existing non-empty `out` is refused (FileExistsError). Holds dir_lock(out) throughout (lock=False: the caller
+    existing non-empty `out` is refused (DirExists). Holds dir_lock(out) throughout (lock=False: the caller
     holds it)."""
     parent, name = os.path.split(os.path.abspath(out))
     with dir_lock(out) if lock else contextlib.nullcontext():
         recover_dir(out)
         if os.path.exists(out) and not force and (not os.path.isdir(out) or os.listdir(out)):
-            raise FileExistsError(f"{out} exists and is not empty")
+            raise DirExists(f"{out} exists and is not empty")
         tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

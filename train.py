@@ -1092,16 +1092,17 @@ def launch(argv: list[str]) -> int:
     for name in list(logging.root.manager.loggerDict):  # its notices (thread settings, "death signal"): ours say it
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(
-        next((a.partition("=")[2] for a in mine if a.partition("=")[0] in ("--nproc_per_node", "--nproc-per-node")),
-             "1")))))  # (torchrun sets 1 and says so; this shares the cores between the workers)
+    args = torchrun.parse_args([*mine, os.path.abspath(__file__), *rest])
+    if str(args.nproc_per_node).isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        # torchrun would set 1 and say so; this shares the machine's cores between the workers instead
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(args.nproc_per_node)))
     try:
-        torchrun.run(torchrun.parse_args([*mine, os.path.abspath(__file__), *rest]))
+        torchrun.run(args)
     except SignalException as e:  # the workers got it too and ended with their own line (a checkpoint taken)
         return 128 + int(e.sigval)
-    except ChildFailedError as e:  # the worker's own line is above; its exit status
-        codes = [f.exitcode for f in e.failures.values()]
-        return next((c for c in codes if c > 0), 128 - min(codes) if min(codes) < 0 else 1)
+    except ChildFailedError as e:  # the failed worker's own line is above: its exit status (128 + N if killed by N)
+        code = next(iter(e.failures.values())).exitcode
+        return code if code > 0 else 128 - code
     return 0
 
 

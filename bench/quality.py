@@ -361,9 +361,16 @@ def report_main(args):
                  if src["tasks"] else "") +
               f"; the held-out set's own standard error of a model's mean loss: {standard_error(sv):.4f}.", ""]
     cal = res["calibration"]
+    cpu = lambda m: m.get("cpu", m["processor"])  # noqa: E731
     lines += [f"Calibration (`python bench/quality.py calibrate`, commit {cal['commit']}, {cal['date']}, "
-              f"{cal['machine']['cpus']} CPUs, torch {cal['machine']['torch']}): seconds per step "
-              + ", ".join(f"{k} {v:.2f}" for k, v in cal["seconds_per_step"].items()) + ".", ""]
+              f"{cpu(cal['machine'])}, {cal['machine']['cpus']} CPUs, torch {cal['machine']['torch']}): seconds per "
+              "step " + ", ".join(f"{k} {v:.2f}" for k, v in cal["seconds_per_step"].items()) + ": a budget's steps "
+              "follow from these, so runs on another machine train the same steps (their own seconds are shown).", ""]
+    where = {}
+    for r in res["runs"].values():
+        where.setdefault(cpu(r["machine"]), set()).add(r["commit"])
+    lines += ["Runs: " + "; ".join(f"{len([r for r in res['runs'].values() if cpu(r['machine']) == c])} on {c} "
+                                   f"(commits {', '.join(sorted(cs))})" for c, cs in where.items()) + ".", ""]
     summary = {}
     for budget in BUDGETS:
         runs = [r for r in res["runs"].values() if budget in r["budgets"]]

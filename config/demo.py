@@ -55,7 +55,7 @@ eval_interval = 10
 eval_batches = 2
 eval_batch_size = 4
 log_interval = 2
-save_interval = 50  # and right after compaction; a checkpoint of the pruning stage (model and AdamW state) is 1.6 GB
+save_interval = 60  # and right after compaction; a checkpoint of the pruning stage (model and AdamW state) is 1.6 GB
 keep_checkpoints = 1
 
 # zero-shot accuracy of the source, compacted and final models (report.py, as lm-evaluation-harness scores it): the
