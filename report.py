@@ -97,7 +97,8 @@ def plot_metrics(run: RunDir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(run.file("plots"), exist_ok=True)
-    switch = next((r["iter"] for r in rows if r["stage"] == "cpt"), None)
+    pruned = any(r["stage"] == "prune" for r in rows)  # (from scratch, or cpt alone: no compaction to mark)
+    switch = next((r["iter"] for r in rows if r["stage"] == "cpt"), None) if pruned else None
 
     def series(prefix):
         keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
