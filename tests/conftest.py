@@ -95,3 +95,15 @@ def setup(tmp_path_factory):
     ref = root / "ref"
     assert train.main(base + [f"--out_dir={ref}"]) == 0  # the uninterrupted 1-process run, shared by the tests
     return root, base, ref
+
+
+def killed_after_rename(target: str, call: str) -> str:
+    """Python source for `python -c`: run `call` (e.g. "prepare.main(sys.argv[1:])") with os.rename patched to SIGKILL
+    the process right after it renames something to `target`: a kill at that exact point of a directory swap."""
+    return ("import os, signal, sys, convert, prepare\n"
+            "rename = os.rename\n"
+            "def killed(a, b):\n"
+            "    rename(a, b)\n"
+            f"    if str(b) == {target!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.rename = killed\n"
+            f"sys.exit({call})")

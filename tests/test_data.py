@@ -22,6 +22,7 @@ import torch
 
 import data
 import prepare
+from conftest import killed_after_rename
 from data import DomainBins, MixtureSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,13 +162,7 @@ def test_prepare_force_killed_between_the_renames_loses_nothing(tmp_path, tok_di
             "--domain", f"code={src}/code", "--domain", f"prose={src}/*.jsonl*", "--domain", f"log={src}/*.parquet",
             "--text-field", "meta.text"]
     target = str(tmp_path / ".ds.old") if at == "out_aside" else str(out)
-    code = ("import os, signal, sys, prepare\n"
-            "rename = os.rename\n"
-            "def killed(a, b):\n"
-            "    rename(a, b)\n"
-            f"    if str(b) == {target!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "os.rename = killed\n"
-            "sys.exit(prepare.main(sys.argv[1:]))")
+    code = killed_after_rename(target, "prepare.main(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, *args, "--force"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert (tmp_path / ".ds.old").is_dir() and (tmp_path / ".ds.new" if at == "out_aside" else out).is_dir()

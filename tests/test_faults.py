@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf
+from conftest import killed_after_rename, make_hf
 from safetensors.torch import load_file
 from test_data import make_tokenizer, run_prepare, write_sources
 
@@ -565,13 +565,7 @@ def test_export_force_killed_between_the_renames(setup, tmp_path, at):
     out = tmp_path / "out"
     assert convert_cli("to-hf", root / "model", out).returncode == 0
     target = str(tmp_path / ".out.old") if at == "out_aside" else str(out)
-    code = ("import os, signal, sys, convert\n"
-            "rename = os.rename\n"
-            "def killed(a, b):\n"
-            "    rename(a, b)\n"
-            f"    if str(b) == {target!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "os.rename = killed\n"
-            "convert.main(sys.argv[1:])")
+    code = killed_after_rename(target, "convert.main(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, "to-hf", str(ref), str(out), "--force"], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
