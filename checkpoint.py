@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from data import NO_LOCKS
 from l0 import L0Module, TargetShape
 from model import ModelConfig, Transformer, prune_state_dict
 
@@ -59,11 +60,22 @@ class RunDirError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# collectives: no-ops in one process (train.py and report.py use these too)
+# collectives: no-ops in one process (train.py and report.py use these too). The tensor all-reduce is the training
+# loop's (the default group, its short timeout); the barrier and the object collectives are where ranks wait for
+# one rank's work (rank 0 loading or exporting a model, a checkpoint's files written and hashed), so they go through
+# the control group when train.py set one (gloo, CPU, a long timeout), and so does DCP.
+
+CONTROL = None  # the control group (train.setup_distributed); None: the default group
+
+
+def set_control_group(group):
+    global CONTROL
+    CONTROL = group
+
 
 def barrier():
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=CONTROL)
 
 
 def all_reduce(t: torch.Tensor):
@@ -75,7 +87,7 @@ def all_gather_object(obj) -> list:
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=CONTROL)
     return out
 
 
@@ -83,7 +95,7 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, 0)
+    dist.broadcast_object_list(box, 0, group=CONTROL)
     return box[0]
 
 
@@ -149,8 +161,8 @@ def check_checkpoint(ckpt: str, rank: int = 0, world: int = 1) -> str | None:
     if not os.path.isfile(path):
         return None  # written before checkpoints had manifests: nothing to check against
     try:
-        with open(path) as f:
-            files = {str(k): (int(v[0]), str(v[1])) for k, v in json.load(f)["files"].items()}
+        with open(path) as f:  # (a checkpoint saved in a scheduler's grace period has sizes alone: sha256 null)
+            files = {str(k): (int(v[0]), None if v[1] is None else str(v[1])) for k, v in json.load(f)["files"].items()}
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError):
         return f"{MANIFEST} is unreadable"
     for name, (size, _) in sorted(files.items()):
@@ -159,7 +171,7 @@ def check_checkpoint(ckpt: str, rank: int = 0, world: int = 1) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(p) != size:
             return f"{name} has {os.path.getsize(p)} bytes, the manifest says {size}"
-    mine = sorted(files)[rank::world]
+    mine = [n for n in sorted(files) if files[n][1] is not None][rank::world]
     for p, (_, digest) in hash_files([os.path.join(ckpt, n) for n in mine]).items():
         if digest != files[os.path.basename(p)][1]:
             return f"{os.path.basename(p)} does not match its sha256 in the manifest (corrupted)"
@@ -230,6 +242,11 @@ class RunDir:
                 held = f.read().strip() or "?"
                 f.close()
                 f = None
+            except OSError as e:
+                if e.errno not in NO_LOCKS:
+                    raise
+                print(f"warning: {self.path} is on a filesystem without locks ({e.strerror}); running without the "
+                      "lock: make sure that no other run uses this out_dir", file=sys.stderr, flush=True)
         held = broadcast_object(held)
         if held is not None:
             raise RunDirError(f"{self.path} is in use by another train.py run (pid {held}); wait for it to finish, "
@@ -344,7 +361,8 @@ class RunDir:
         """The newest checkpoint whose files match its manifest (all ranks share the hashing). A damaged one is
         renamed .damaged-NAME, kept for inspection but never loaded again, and the one before it is tried."""
         damaged = []
-        for ckpt in reversed(self.checkpoints()):
+        # rank 0's listing for all: on a shared filesystem another node's directory cache may be behind
+        for ckpt in reversed(broadcast_object(self.checkpoints() if rank == 0 else None)):
             problem = next((p for p in all_gather_object(check_checkpoint(ckpt, rank, world)) if p), None)
             if problem is None:
                 return ckpt
@@ -362,12 +380,13 @@ class RunDir:
         return None
 
 
-def save(run: RunDir, model, optimizer, state: dict, keep: int, rank: int, world: int):
+def save(run: RunDir, model, optimizer, state: dict, keep: int, rank: int, world: int, hashed: bool = True):
     """Model and optimizer shards (DCP), then meta.json and state.pt (the loop state), then manifest.json with every
     file's size and sha256 (each rank hashes its share), all in checkpoints/.tmp-NAME, renamed to NAME once
     complete. Any failure (a full disk) on any rank removes the partial directory and raises CheckpointError on
     every rank; older checkpoints are untouched, and only once the new one is in place are those beyond `keep`
-    (0: none) deleted."""
+    (0: none) deleted. hashed=False (a save in a scheduler's grace period before its SIGKILL) records the sizes
+    alone: reading every file back for its sha256 would take as long again (minutes for 7B)."""
     name = checkpoint_name(state["stage"], state["step"])
     tmp, final = os.path.join(run.root, ".tmp-" + name), os.path.join(run.root, name)
 
@@ -404,10 +423,11 @@ def save(run: RunDir, model, optimizer, state: dict, keep: int, rank: int, world
 
     phase(start)
     msd, osd = get_state_dict(model, optimizer)
-    phase(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp))
+    phase(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, process_group=CONTROL))
     phase(write_state)
     names = sorted(os.listdir(tmp))
-    mine = phase(lambda: hash_files([os.path.join(tmp, n) for n in names[rank::world]]))
+    mine = phase(lambda: hash_files([os.path.join(tmp, n) for n in names[rank::world]]) if hashed else
+                 {os.path.join(tmp, n): (os.path.getsize(os.path.join(tmp, n)), None) for n in names[rank::world]})
     files = {os.path.basename(p): list(v) for part in all_gather_object(mine) for p, v in part.items()}
 
     def finish():
@@ -433,7 +453,7 @@ def load(ckpt: str, model, optimizer) -> dict:
     """Fill model and optimizer (sharded or not) from a checkpoint; returns its loop state."""
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=ckpt)
+    dcp.load(sd, checkpoint_id=ckpt, process_group=CONTROL)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return read_state(ckpt)
 

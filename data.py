@@ -24,6 +24,7 @@ reused before it is exhausted; then a new epoch starts (a warning is logged and 
 """
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,11 @@ class DirExists(FileExistsError):
     pass
 
 
+# flock's errors on filesystems without locks (NFS mounted nolock, some FUSE and parallel filesystems): there the
+# locks of dir_lock and of a run's out_dir (checkpoint.RunDir.lock) degrade to a warning
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
 @contextlib.contextmanager
 def dir_lock(out: str):
     """Hold an exclusive lock on `out` (its .NAME.lock beside it) for the block; DirInUse if another process has it."""
@@ -68,6 +75,11 @@ def dir_lock(out: str):
             f.seek(0)
             raise DirInUse(f"{out} is being written by another process (pid {f.read().strip() or '?'}); wait for "
                            "it or choose another output") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                raise
+            print(f"warning: {out} is on a filesystem without locks ({e.strerror}); writing it without the lock: "
+                  "make sure that no other process writes it", file=sys.stderr, flush=True)
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

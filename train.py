@@ -152,8 +152,20 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each block
+    compile: str = "auto"  # torch.compile each block: auto (on GPU) | true | false
+    # memory against speed, per stage (docs/operations.md, "Memory plan"): the defaults hold the least memory
+    prune_activation_checkpointing: int = 0  # recompute every k-th block in the backward (1: all); 0 = off
+    cpt_activation_checkpointing: int = 0
+    # several processes (FSDP2)
+    prune_reshard_after_forward: bool = True  # False: keep each block's gathered weights from its forward to its
+    cpt_reshard_after_forward: bool = True  #    backward (one all-gather a micro-batch less; + the bf16 model per GPU)
+    prune_defer_grad_sync: bool = False  # True: reduce-scatter the gradients once a step, after the last
+    cpt_defer_grad_sync: bool = False  #   micro-batch, not after each (+ the fp32 gradients, unsharded, per GPU)
+    dp_replicate: int = 1  # HSDP: shard the model within groups of world / dp_replicate ranks (a node) and
+    #                        replicate it across the groups (nodes); 1 = shard over all ranks (FSDP)
+    collective_timeout: int = 600  # seconds a collective of the training loop waits for the other ranks before the
+    #                                run fails (a hang costs this of every GPU); the waits while rank 0 alone
+    #                                loads, compacts or exports a model have RANK0_TIMEOUT
 
     def __post_init__(self):
         """Everything that can be checked without the data, the model or the world size."""
@@ -193,7 +205,11 @@ class TrainConfig:
                 raise ConfigError(f"eval_tasks: {e}") from None
         if self.target_params < 0 or self.mask_init_batches < 1:
             raise ConfigError("target_params must be >= 0 and mask_init_batches >= 1")
+        if self.dp_replicate < 1 or self.collective_timeout < 1 or any(
+                getattr(self, f"{s}_activation_checkpointing") < 0 for s in STAGES):
+            raise ConfigError("dp_replicate and collective_timeout must be >= 1, *_activation_checkpointing >= 0")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("auto", "float32", "bfloat16")),
+                              ("compile", ("auto", "true", "false")),
                               ("export_dtype", ("float32", "bfloat16")), ("mask_init", ("uniform", "importance")),
                               ("mask_values", ("soft", "binary"))):
             if getattr(self, name) not in choices:
@@ -216,8 +232,13 @@ class TrainConfig:
 PLOT_EVERY = 300  # seconds: plots/ is redrawn at an evaluation at most this often (drawing costs ~1 s), and at the
 #                   end of every stage
 # fields that may change between the run that wrote out_dir and the one resuming it (out_dir: a moved run resumes)
+# (and the speed settings, which change no number: activation_checkpointing is the field of runs before the per-stage
+# ones), dp_replicate included: DCP re-shards a checkpoint to any layout
 RESUMABLE = {"out_dir", "overwrite", "allow_changes", "log_interval", "save_interval", "keep_checkpoints", "stop_at",
-             "wandb_project", "tensorboard_dir", "compile", "activation_checkpointing", "eval_tasks_dir"}
+             "wandb_project", "tensorboard_dir", "eval_tasks_dir", "compile", "activation_checkpointing",
+             "collective_timeout", "dp_replicate",
+             *(f"{s}_{k}" for s in STAGES for k in ("activation_checkpointing", "reshard_after_forward",
+                                                    "defer_grad_sync"))}
 SHAPE_FIELDS = {"target_hidden_size", "target_num_hidden_layers", "target_num_key_value_heads", "target_intermediate_size"}
 TARGET_FIELDS = SHAPE_FIELDS | {"target_params"}  # the target: a shape or a parameter budget (load_config)
 # fields that never change on resume, even in allow_changes: the checkpoints' data order and shapes follow from them
@@ -247,6 +268,8 @@ def _coerce(name: str, value, typ: str, from_cli: bool):
                               expected.get(typ, "comma-separated numbers or {name: number}")) from None
     if typ == "bool" and isinstance(value, bool) or typ == "str" and isinstance(value, str):
         return value
+    if typ == "str" and isinstance(value, bool):  # compile = True in a config file
+        return str(value).lower()
     if typ in ("int", "float") and num(value) and (typ == "float" or isinstance(value, int)):
         return value if typ == "int" else float(value)
     if typ.startswith("numbers"):
@@ -318,21 +341,35 @@ class StopRun(Exception):
 # -----------------------------------------------------------------------------
 # distributed setup and model building
 
+RANK0_TIMEOUT = datetime.timedelta(hours=2)  # rank 0 alone reads, compacts and exports whole models (minutes for 7B)
+
+
 def setup_distributed(cfg: TrainConfig):
-    """(rank, world, device): torchrun's environment -> a process group (NCCL on GPU, gloo on CPU)."""
+    """(rank, world, device, mesh): torchrun's environment -> a process group (NCCL on GPU, gloo on CPU) with
+    collective_timeout, the device mesh FSDP2 shards over (2-D for HSDP: (replicate, shard)), and a gloo group with
+    RANK0_TIMEOUT for everything that waits on one rank's work: rank 0's phases, checkpoint writes and hashing
+    (checkpoint.py's barrier and object collectives). One process: mesh None."""
     use_cuda = cfg.device == "cuda" or cfg.device == "auto" and torch.cuda.is_available()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no GPU is visible; use device=cpu")
+    rank, world, mesh = 0, 1, None
     if "RANK" in os.environ:
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # rank 0 alone reads and exports whole models while the others wait: allow it more than the 10 min default
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout))
         rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+        checkpoint.set_control_group(dist.new_group(backend="gloo", timeout=RANK0_TIMEOUT))
+        if world % cfg.dp_replicate:
+            raise ConfigError(f"dp_replicate={cfg.dp_replicate} must divide the world size {world}")
+        from torch.distributed.device_mesh import init_device_mesh
+        shape, names = (((cfg.dp_replicate, world // cfg.dp_replicate), ("replicate", "shard"))
+                        if cfg.dp_replicate > 1 else ((world,), ("shard",)))
+        mesh = init_device_mesh("cuda" if use_cuda else "cpu", shape, mesh_dim_names=names)
+    elif cfg.dp_replicate > 1:
+        raise ConfigError(f"dp_replicate={cfg.dp_replicate} needs several processes (torchrun)")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
-    return rank, world, device
+    return rank, world, device, mesh
 
 
 def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
@@ -342,30 +379,41 @@ def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, world: int,
+def compiles(cfg: TrainConfig, device) -> bool:
+    return cfg.compile == "true" or cfg.compile == "auto" and device.type == "cuda"
+
+
+def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, mesh, stage: "Stage | None" = None,
                 frozen: bool = False) -> torch.nn.Module:
     """The model on `device`, from the full fp32 state dict `sd` that only rank 0 holds (None elsewhere; None on
-    every rank leaves the weights uninitialised, for a checkpoint to fill). With several ranks: meta-device init,
-    FSDP2 per block and root (bf16 mixed precision on GPU), then each rank receives its shards from rank 0, so no
-    rank but 0 ever holds the whole model. frozen (the teacher): no gradients, eval mode, and only the blocks are
-    sharded: its embedding, final norm and lm_head stay whole on every rank, since the distillation loss reads the
-    head's weight chunk by chunk inside the student's forward, outside any forward of the teacher."""
+    every rank leaves the weights uninitialised, for a checkpoint to fill), set up for `stage` (its activation
+    checkpointing and resharding). With a mesh (several ranks): meta-device init, FSDP2 per block and root (bf16
+    mixed precision on GPU), then each rank receives its shards from rank 0, so no rank but 0 ever holds the whole
+    model. frozen (the teacher): no gradients, eval mode, and only the blocks are sharded, each resharded right
+    after its forward: its embedding, final norm and lm_head stay whole on every rank, since the distillation loss
+    reads the head's weight chunk by chunk inside the student's forward, outside any forward of the teacher."""
     with torch.device("meta"):
         model = Transformer(mcfg)
-    if not frozen:
+    for i, block in enumerate(model.model.layers):
+        every = 0 if frozen else stage.activation_checkpointing
+        block.checkpoint = every > 0 and i % every == 0  # every k-th block, from the first
+        if compiles(cfg, device):  # before sharding, as FSDP2 expects: its hooks stay outside the compiled graph
+            block.compile()
+    if mesh is not None:
+        # masks and rotary tables enter the blocks as they are (cast_forward_inputs=False): the fp32 masks are cast
+        # to the weights' dtype where they meet them, so their gradients accumulate in fp32
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+        keep = not frozen and not stage.reshard_after_forward
         for block in model.model.layers:
-            block.checkpoint = cfg.activation_checkpointing
-            if cfg.compile:
-                block.compile()
-    if world > 1:
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32)
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
+            if frozen:  # each block is its own root, and FSDP2 keeps a root's weights gathered after its forward
+                block.register_forward_hook(lambda m, args, out: m.reshard())
         if not frozen:
-            fully_shard(model, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
     model.to_empty(device=device)
     model.tie_weights()
-    if world == 1:
+    if mesh is None:
         if sd is not None:
             model.load_state_dict(tied_state_dict(mcfg, sd, lm_head=True))
     elif broadcast_object(sd is not None):
@@ -413,6 +461,9 @@ class Stage:
     seq_len: int
     lr: float
     warmup: float
+    activation_checkpointing: int
+    reshard_after_forward: bool
+    defer_grad_sync: bool
     offset: int  # steps of the stages before it: its step s is the run's step offset + s
 
 
@@ -422,7 +473,9 @@ def stages_of(cfg: TrainConfig) -> list[Stage]:
         steps = getattr(cfg, f"{name}_steps")
         if steps or name == "prune" and cfg.one_shot:  # one-shot: a pruning stage of 0 steps, compaction alone
             out.append(Stage(name, steps, *(getattr(cfg, f"{name}_{k}") for k in
-                                            ("batch_size", "micro_batch_size", "seq_len", "lr", "warmup")), offset))
+                                            ("batch_size", "micro_batch_size", "seq_len", "lr", "warmup",
+                                             "activation_checkpointing", "reshard_after_forward", "defer_grad_sync")),
+                             offset))
             offset += steps
     return out
 
@@ -441,7 +494,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.rank, self.world, self.device = setup_distributed(cfg)
+        self.rank, self.world, self.device, self.mesh = setup_distributed(cfg)
         self.master = self.rank == 0
         self.dtype = compute_dtype(cfg, self.device)
         self.dir = RunDir(cfg.out_dir)
@@ -632,10 +685,9 @@ class Run:
         c = self.cfg
         groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": c.weight_decay},
                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        # CPU: the fused kernel, one pass over the state (bench/speed.py --rows adamw); GPU: foreach, the default
-        cpu = self.device.type == "cpu"
-        opts = [torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8,
-                                  fused=cpu or None, foreach=None if cpu else True)]
+        # the fused kernel, one pass over the state (CPU: bench/speed.py --rows adamw; GPU: one launch, not foreach's
+        # several per tensor list)
+        opts = [torch.optim.AdamW(groups, lr=stage.lr, betas=(c.beta1, c.beta2), eps=1e-8, fused=True)]
         peaks = [[stage.lr, stage.lr]]
         if l0 is not None:
             # weight decay 0: decoupled decay would shrink lambda, which ascends by gradient reversal
@@ -699,7 +751,7 @@ def train(run: Run, ckpt: str | None):
         run.check_data(mcfg, run.src_path)
     if c.teacher_reference or any(c.distills(s.name) for s in run.stages):
         tcfg, tsd = (mcfg, sd) if teacher_path == run.src_path and state is None else run.load_source(teacher_path)
-        run.teacher = build_model(tcfg, tsd if run.master else None, c, run.device, run.world, frozen=True)
+        run.teacher = build_model(tcfg, tsd if run.master else None, c, run.device, run.mesh, frozen=True)
         del tsd
     if c.from_scratch and state is None:  # the source gave the family, the tokenizer (and the teacher)
         mcfg, sd = run.scratch_model(mcfg)
@@ -726,7 +778,7 @@ def train(run: Run, ckpt: str | None):
     start = names.index(state["stage"]) if state is not None else 0
     for i, stage in enumerate(run.stages[start:], start):
         resume = ckpt if state is not None and i == start else None
-        model = build_model(mcfg, sd if run.master else None, c, run.device, run.world)
+        model = build_model(mcfg, sd if run.master else None, c, run.device, run.mesh, stage)
         sd = None  # the model holds the weights: rank 0's full copy goes before the stage's other work
         st = start_stage(run, stage, model, resume)
         del model  # the stage holds it, and finish_stage lets it go before compaction
@@ -825,8 +877,8 @@ def run_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, 
             t0 = time.perf_counter()  # evaluation and saving are not training
         stop, at = c.stop_at and stage.offset + step >= c.stop_at, stage.offset + step
         if stop or st.terminated:  # SIGTERM: a scheduler's warning before its SIGKILL
-            if st.saved != step:  # keep the steps done since the last checkpoint
-                save(run, st)
+            if st.saved != step:  # keep the steps done since the last checkpoint (SIGTERM: no time to hash it)
+                save(run, st, hashed=not st.terminated)
             if stop:
                 raise StopRun(f"stopped at step {at} (stop_at={c.stop_at}) with a checkpoint; run again without "
                               "stop_at (or with a later one) to resume")
@@ -862,8 +914,12 @@ def train_step(run: Run, st: StageState) -> dict:
     loss_sums = torch.zeros(D, dtype=torch.float64, device=run.device)
     counts = torch.zeros(D, dtype=torch.float64, device=run.device)
     kd_sum = torch.zeros(1, dtype=torch.float64, device=run.device)
-    # FSDP2 reduce-scatters after every micro-batch: skipping it would hold unsharded fp32 gradients
+    # FSDP2 reduce-scatters after every micro-batch, unless defer_grad_sync holds the unsharded fp32 gradients
+    # until the last one (one reduce-scatter a step: less traffic across nodes, more memory)
+    defer = stage.defer_grad_sync and isinstance(model, FSDPModule)
     for i in range(0, rows, mb):
+        if defer:
+            model.set_requires_gradient_sync(i + mb >= rows)
         masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
         xi, yi = x[i:i + mb], y[i:i + mb]
         with run.autocast():
@@ -884,15 +940,18 @@ def train_step(run: Run, st: StageState) -> dict:
             l0.lagrangian(step).backward()
         l0.all_reduce_grads_()
     # one all-reduce per step: per-domain loss sums and token counts, the distillation objective's sum, and
-    # whether any rank got SIGTERM (so that every rank stops at the same step boundary)
+    # whether any rank got SIGTERM (so that every rank stops at the same step boundary); then the one copy to the
+    # host of the step, with the gradient norm's parts (the GPU runs ahead until here)
     stats = torch.cat([loss_sums, counts, kd_sum, kd_sum.new_tensor([float(run.sigterm)])])
     all_reduce(stats)
-    loss_sums, counts, kd_sum, st.terminated = stats[:D], stats[D:2 * D], stats[2 * D], bool(stats[-1] > 0)
-    loss = float(loss_sums.sum() / counts.sum())  # cross-entropy, also when the objective is distillation
-    kd_loss = float(kd_sum / counts.sum()) if st.kd else None
+    grads, norms = grad_norms(model, l0)
+    host = torch.cat([stats, *(n.double().reshape(1) for n in norms)]).tolist()
+    loss_sums, counts, kd_sum, st.terminated = host[:D], host[D:2 * D], host[2 * D], host[2 * D + 1] > 0
+    loss = sum(loss_sums) / sum(counts)  # cross-entropy, also when the objective is distillation
+    kd_loss = kd_sum / sum(counts) if st.kd else None
     if kd_loss is not None and not math.isfinite(kd_loss):
         loss = kd_loss
-    gnorm = clip_grad_norm(model, l0, c.grad_clip)
+    gnorm = clip_(grads, host[2 * D + 2:], c.grad_clip)
     for what, v in (("training loss", loss), ("gradient norm", gnorm)):
         if not math.isfinite(v):  # before the step: no NaN ever reaches the weights or a checkpoint
             raise FloatingPointError(
@@ -904,23 +963,28 @@ def train_step(run: Run, st: StageState) -> dict:
         opt.zero_grad(set_to_none=True)
     if l0 is not None:
         l0.land_(step)
-    st.weighter.observe_train(loss_sums.cpu().numpy(), counts.cpu().numpy())
+    st.weighter.observe_train(np.asarray(loss_sums), np.asarray(counts))
     row = dict(loss=loss, lr=stage.lr * f, grad_norm=gnorm, **({"distill_loss": kd_loss} if st.kd else {}))
-    row.update({f"train/{n}": float(s / k) for n, s, k in zip(run.domains, loss_sums.tolist(), counts.tolist()) if k})
+    row.update({f"train/{n}": s / k for n, s, k in zip(run.domains, loss_sums, counts) if k})
     return row
 
 
-def clip_grad_norm(model, l0: L0Module | None, max_norm: float) -> float:
-    """Clip one global gradient norm over the model's (FSDP2-sharded or not) and the masks' and lambdas'
-    (replicated, already averaged) parameters, as the original clips all of them together; max_norm 0 = off.
-    Returns the norm before clipping."""
+def grad_norms(model, l0: L0Module | None) -> tuple[list, list]:
+    """(every gradient: the model's, FSDP2-sharded or not, and the masks' and lambdas', replicated and already
+    averaged; the norms of the unsharded ones and of the sharded ones, as device tensors: no host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grads += [p.grad for p in l0.parameters() if p.grad is not None] if l0 is not None else []
     local = [g for g in grads if not hasattr(g, "full_tensor")]
     sharded = [g for g in grads if hasattr(g, "full_tensor")]  # the norm of a DTensor list all-reduces its shards
-    sq = sum(float(torch.nn.utils.get_total_norm(gs).full_tensor() if gs is sharded else
-                   torch.nn.utils.get_total_norm(gs)) ** 2 for gs in (local, sharded) if gs)
-    norm = math.sqrt(sq)
+    norms = [torch.nn.utils.get_total_norm(local)] if local else []
+    norms += [torch.nn.utils.get_total_norm(sharded).full_tensor()] if sharded else []
+    return grads, norms
+
+
+def clip_(grads: list, norms: list[float], max_norm: float) -> float:
+    """Clip one global gradient norm (of the parts' norms), as the original clips the model's, the masks' and the
+    lambdas' gradients together; max_norm 0 = off. Returns the norm before clipping."""
+    norm = math.sqrt(sum(n ** 2 for n in norms))
     if max_norm > 0 and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6)
         for g in grads:
             g.mul_(max_norm / (norm + 1e-6))
@@ -1004,15 +1068,18 @@ def check_gates(run: Run, st: StageState, when: str):
     run.log(msg + " (docs/operations.md, \"Choosing prune_steps\")")
 
 
-def save(run: Run, st: StageState):
+def save(run: Run, st: StageState, hashed: bool = True):
     pruning = st.l0 is not None
     state = dict(stage=st.stage.name, step=st.step, config=asdict(run.cfg), model_config=asdict(st.model.config),
                  src_path=os.path.abspath(run.src_path), clock=dict(st.clock), sampler=st.sampler.state_dict(),
                  weighter=st.weighter.state_dict(), l0=st.l0.state_dict() if pruning else None,
                  l0_opt=st.optimizers[1].state_dict() if pruning else None)
-    checkpoint.save(run.dir, st.model, st.optimizers[0], state, run.cfg.keep_checkpoints, run.rank, run.world)
+    t = time.perf_counter()
+    checkpoint.save(run.dir, st.model, st.optimizers[0], state, run.cfg.keep_checkpoints, run.rank, run.world,
+                    hashed)
     st.saved = st.step
-    run.log(f"saved checkpoint {checkpoint.checkpoint_name(st.stage.name, st.step)}")
+    run.log(f"saved checkpoint {checkpoint.checkpoint_name(st.stage.name, st.step)} "
+            f"({time.perf_counter() - t:.1f} s{'' if hashed else ', sizes only: no sha256'})")
 
 
 def finish_stage(run: Run, st: StageState, last_stage: bool) -> tuple[ModelConfig, dict | None]:

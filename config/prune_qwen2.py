@@ -41,4 +41,5 @@ eval_interval = 50
 eval_batches = 16
 eval_batch_size = 8
 save_interval = 400
-activation_checkpointing = True
+prune_activation_checkpointing = 1  # every block: the 152k-vocabulary head and 7.6B weights leave less room
+cpt_activation_checkpointing = 0
