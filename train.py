@@ -400,17 +400,18 @@ def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, me
         if compiles(cfg, device):  # before sharding, as FSDP2 expects: its hooks stay outside the compiled graph
             block.compile()
     if mesh is not None:
-        # masks and rotary tables enter the blocks as they are (cast_forward_inputs=False): the fp32 masks are cast
-        # to the weights' dtype where they meet them, so their gradients accumulate in fp32
+        # the student's masks enter its blocks as they are (cast_forward_inputs=False): the fp32 masks are cast to
+        # the weights' dtype where they meet them, so their gradients accumulate in fp32. The teacher has no masks,
+        # and its embedding stays whole and fp32: its blocks cast the residual stream they receive
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg, device), reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False)
+                                  cast_forward_inputs=frozen)
+        # reshard_after_forward=True said explicitly: each of the teacher's blocks is its own root, whose weights
+        # FSDP2 would otherwise keep gathered after its forward (a root's backward follows at once, in training)
         keep = not frozen and not stage.reshard_after_forward
         for block in model.model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
-            if frozen:  # each block is its own root, and FSDP2 keeps a root's weights gathered after its forward
-                block.register_forward_hook(lambda m, args, out: m.reshard())
-        if not frozen:
-            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not keep)
+        if not frozen:  # None: the root's weights (embedding, final norm, lm_head) stay gathered for the backward
+            fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False if keep else None)
     model.to_empty(device=device)
     model.tie_weights()
     if mesh is None:
@@ -1211,6 +1212,17 @@ def main(argv=None):
     except (ConfigError, RunDirError, convert.ConvertError, CheckpointError, FileNotFoundError,
             FloatingPointError) as e:
         return fail(f"error: {e}", 2 if isinstance(e, (ConfigError, RunDirError)) else 1)
+    except RuntimeError as e:  # gloo's (NCCL's watchdog ends the process itself, with its own message)
+        peer = "Connection closed by peer" in str(e)
+        if not dist.is_initialized() or not (peer or "Timed out" in str(e)):
+            raise
+        print(f"train.py: error: rank {dist.get_rank()}: " + (
+            "another rank stopped (its own output says why)" if peer else
+            f"a collective waited more than collective_timeout={cfg.collective_timeout} s for the other ranks: one "
+            "of them hung or stopped (its own output says why); raise collective_timeout if a step or an evaluation "
+            "takes longer") + (f"; checkpoint {RunDir(cfg.out_dir).newest()} is intact: run the same command again "
+                               "to resume" if RunDir(cfg.out_dir).newest() else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: a save in progress is left as .tmp-*, never taken for a checkpoint
         have = RunDir(cfg.out_dir).newest() if cfg else None
         return fail("interrupted" + (f"; checkpoint {have} is intact: run the same command again to resume from it"

@@ -838,6 +838,52 @@ def test_sigterm_saves_and_resumes(setup, tmp_path):
     assert "terminated (SIGTERM) at step" in out and "run the same command again" in out
     ckpts = [os.path.basename(c) for c in RunDir(run).checkpoints()]
     assert len(ckpts) == 1 and ckpts[0].startswith("0-prune-")  # saved where it stopped, not at save_interval
+    # in the grace period: every file's size, no sha256 (reading 81 GB back for it would outlast the grace)
+    files = json.loads((run / "checkpoints" / ckpts[0] / "manifest.json").read_text())["files"]
+    assert files and all(size > 0 and digest is None for size, digest in files.values()), files
+    assert "sizes only" in out
     r = train_cli(base, run, "--save_interval=100")
     assert r.returncode == 0 and f"resumed prune at step {int(ckpts[0].split('-')[-1])}" in r.stdout, r.stderr[-2000:]
     same_weights(ref, run)
+
+
+@pytest.mark.parametrize("what", ["export", "hang"])
+def test_collective_timeout_ends_hangs_not_rank0_phases(setup, tmp_path, what):
+    # collective_timeout bounds the training loop's collectives (a hang costs that much of every GPU): a rank 12 s
+    # late in a step ends the run with one line per rank after 6 s; the other ranks wait longer for rank 0's exports
+    # (minutes for 7B): 12 s each against the same 6 s timeout, and the run finishes
+    root, base, ref = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "slow_rank0.py"), what, "12", *base, f"--out_dir={tmp_path / 'run'}",
+           "--collective_timeout=6"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if what == "export":
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (tmp_path / "run" / "done.json").is_file()
+    else:
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("train.py: error")]
+        assert r.returncode != 0 and any("rank 0: a collective waited more than collective_timeout=6 s" in ln
+                                         for ln in lines), r.stderr[-3000:]
+        assert "]: Traceback" not in r.stderr, r.stderr[-3000:]  # no worker's (torchrun prints its own)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOLCK", "ENOSYS"])
+def test_filesystems_without_locks_run_with_a_warning(setup, tmp_path, monkeypatch, capsys, errno_name):
+    # NFS mounted nolock and some parallel filesystems fail flock itself: the run and prepare.py go on, saying so
+    import errno
+    import fcntl
+    import data
+    root, base, ref = setup
+
+    def flock(f, op):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--cpt_steps=0"]) == 0
+    assert "filesystem without locks" in capsys.readouterr().err
+    with data.dir_lock(str(tmp_path / "bins")):
+        pass
+    assert "filesystem without locks" in capsys.readouterr().err
+    monkeypatch.setattr(fcntl, "flock", lambda f, op: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError):  # any other error of flock is not a missing lock
+        with data.dir_lock(str(tmp_path / "bins")):
+            pass

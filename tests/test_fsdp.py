@@ -35,3 +35,11 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     # training moved the gates away from their start, so the comparison is not of untouched values
     start = torch.linspace(-1.0, 3.0, 48)
     assert (one["l0"]["z.hidden.log_alpha"] - start).abs().max() > 0.05
+
+
+def test_teacher_reshards_and_masks_stay_fp32_under_bf16(tmp_path):
+    make_hf("llama_gqa", tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        f"{HERE}/dist_checks.py", str(tmp_path / "src")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -233,6 +233,21 @@ def test_activation_checkpointing_changes_nothing(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
+def test_compiled_blocks_match_eager_and_resume_exactly(setup, tmp_path):
+    # torch.compile'd blocks (the GPU default) with masks and activation checkpointing: the eager run's weights
+    # within fp32 rounding, and stopped + resumed == one go, bit for bit
+    root, base, ref = setup
+    opts = base + ["--compile=true", "--prune_activation_checkpointing=1"]
+    one, stopped = tmp_path / "one", tmp_path / "stopped"
+    assert train.main(opts + [f"--out_dir={one}"]) == 0
+    for extra in (["--stop_at=5"], []):
+        assert train.main(opts + [f"--out_dir={stopped}"] + extra) == 0
+    a, b, c = weights(ref), weights(one), weights(stopped)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert all(torch.equal(b[k], c[k]) for k in a)
+
+
 KD = ["--distill_alpha=0.6", "--distill_temperature=2", "--distill_prune=true", "--reference_loss=teacher",
       "--mask_init=importance"]
 
