@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmark of the pruning step (LLaMA-2-7B shape) and continued pretraining (Sheared-LLaMA-2.7B shape): bf16,
-# sequences of 4096, FSDP2 on one GPU, for each attention kernel; tokens/s, MFU and peak memory. About 6 minutes on
-# one H200; results in bench/results/gpu.json. Extra arguments go to bench/gpu.py (e.g. --steps 3 --seq 2048).
+# sequences of 4096, FSDP2 on one GPU, eager and compiled, for each attention kernel; tokens/s, MFU and peak memory.
+# At most 9.5 minutes on one H200 (rows not started after 8.5 are skipped); results in bench/results/gpu.json after
+# every row. Extra arguments go to bench/gpu.py (e.g. --steps 3 --seq 2048).
 #   bash bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
