@@ -68,3 +68,18 @@ def test_quality_study_on_the_tiny_model(setup, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| l0 | 4 + 4"))
     assert any(v in row for v in ("better", "worse", "not distinguishable"))  # against oneshot, the first
     assert (tmp_path / "quality-study.png").stat().st_size > 1000
+
+
+def test_memory_plan_orders_the_settings():
+    # bench/memory.py: checkpointing fewer blocks, keeping weights gathered and deferring the sync each cost memory
+    text = run("bench/memory.py")
+    total = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| prune") or line.startswith("| cpt"):
+            total[tuple(cells[:5])] = float(cells[-1].rstrip("*"))
+    prune = [total[("prune", "1", ac, "yes", "no")] for ac in ("off", "1 block in 2", "every block")]
+    assert prune[0] > prune[1] > prune[2] > 0, prune
+    cpt = total[("cpt", "2", "off", "yes", "no")]
+    assert cpt < total[("cpt", "2", "off", "no", "no")] < total[("cpt", "2", "off", "no", "yes")]
+    assert "saves" in text and "masked weight products" in text  # the measured activations
