@@ -425,7 +425,7 @@ def save(run: RunDir, model, optimizer, state: dict, keep: int, rank: int, world
     msd, osd = get_state_dict(model, optimizer)
     phase(lambda: dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp, process_group=CONTROL))
     phase(write_state)
-    names = sorted(os.listdir(tmp))
+    names = broadcast_object(sorted(os.listdir(tmp)) if rank == 0 else None)  # one listing (see find_resume)
     mine = phase(lambda: hash_files([os.path.join(tmp, n) for n in names[rank::world]]) if hashed else
                  {os.path.join(tmp, n): (os.path.getsize(os.path.join(tmp, n)), None) for n in names[rank::world]})
     files = {os.path.basename(p): list(v) for part in all_gather_object(mine) for p, v in part.items()}

@@ -551,7 +551,8 @@ def activation_importance(model, batches, reduce=None) -> dict:
     model.eval()
     try:
         for x, y in batches:
-            model(x.to(dev), y.to(dev), reduction="none")  # the loss path: no (B, T, V) logits
+            with torch.no_grad():
+                model(x.to(dev), y.to(dev), reduction="none")  # the loss path: no (B, T, V) logits
             tokens += x.numel()
     finally:
         for h in hooks:

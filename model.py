@@ -342,12 +342,23 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.parallel = cfg.use_parallel_residual
         self.checkpoint = False  # activation checkpointing: recompute this block in the backward
+        self.compiled = None  # compile_(): torch.compile'd _forward, for training
+
+    def compile_(self):
+        """torch.compile this block's computation for training steps: its _forward, so that the hooks on the block
+        (FSDP2's, and activation_importance's on its parts) stay outside the compiled code, and one compiled graph
+        serves every block (the same code, the same shapes). Without gradients (evaluation, scoring, a teacher) the
+        block runs eagerly: those few forwards are not worth more graphs, each of which counts towards dynamo's
+        recompile limit, past which it silently runs everything eagerly."""
+        self.compiled = torch.compile(self._forward)
+        return self
 
     def forward(self, *args, **kwargs):
+        fn = self.compiled if self.compiled is not None and torch.is_grad_enabled() else self._forward
         if self.checkpoint and torch.is_grad_enabled():
             # inside the block's forward, so FSDP2's hooks on the block stay outside the recomputed region
-            return torch.utils.checkpoint.checkpoint(self._forward, *args, use_reentrant=False, **kwargs)
-        return self._forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
     def _forward(self, x, cos, sin, head_z=None, intermediate_z=None, hidden_z=None, hidden_n=None, out_z=None,
                  attn_mask=None):

@@ -152,7 +152,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
-    compile: str = "auto"  # torch.compile each block: auto (on GPU) | true | false
+    compile: str = "auto"  # torch.compile each block's training forward (Block.compile_): auto (on GPU) | true | false
     # memory against speed, per stage (docs/operations.md, "Memory plan"): the defaults hold the least memory
     prune_activation_checkpointing: int = 0  # recompute every k-th block in the backward (1: all); 0 = off
     cpt_activation_checkpointing: int = 0
@@ -363,9 +363,15 @@ def setup_distributed(cfg: TrainConfig):
         if world % cfg.dp_replicate:
             raise ConfigError(f"dp_replicate={cfg.dp_replicate} must divide the world size {world}")
         from torch.distributed.device_mesh import init_device_mesh
-        shape, names = (((cfg.dp_replicate, world // cfg.dp_replicate), ("replicate", "shard"))
-                        if cfg.dp_replicate > 1 else ((world,), ("shard",)))
-        mesh = init_device_mesh("cuda" if use_cuda else "cpu", shape, mesh_dim_names=names)
+        if cfg.dp_replicate > 1:  # new groups per mesh dimension: they get the training loop's timeout too
+            opts = dist.ProcessGroupNCCL.Options() if use_cuda else dist.ProcessGroupGloo._Options()
+            opts._timeout = datetime.timedelta(seconds=cfg.collective_timeout)
+            mesh = init_device_mesh("cuda" if use_cuda else "cpu", (cfg.dp_replicate, world // cfg.dp_replicate),
+                                    mesh_dim_names=("replicate", "shard"),
+                                    backend_override={d: ("nccl" if use_cuda else "gloo", opts)
+                                                      for d in ("replicate", "shard")})
+        else:  # the default group
+            mesh = init_device_mesh("cuda" if use_cuda else "cpu", (world,), mesh_dim_names=("shard",))
     elif cfg.dp_replicate > 1:
         raise ConfigError(f"dp_replicate={cfg.dp_replicate} needs several processes (torchrun)")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
@@ -395,10 +401,11 @@ def build_model(mcfg: ModelConfig, sd: dict | None, cfg: TrainConfig, device, me
     with torch.device("meta"):
         model = Transformer(mcfg)
     for i, block in enumerate(model.model.layers):
-        every = 0 if frozen else stage.activation_checkpointing
-        block.checkpoint = every > 0 and i % every == 0  # every k-th block, from the first
-        if compiles(cfg, device):  # compiled, then sharded (as torchtitan orders them; 2 processes tested on CPU)
-            block.compile()
+        if not frozen:  # (the teacher only runs without gradients: eager, as every evaluation)
+            every = stage.activation_checkpointing
+            block.checkpoint = every > 0 and i % every == 0  # every k-th block, from the first
+            if compiles(cfg, device):  # compiled, then sharded, with FSDP2's hooks outside the compiled code
+                block.compile_()
     if mesh is not None:
         # the student's masks enter its blocks as they are (cast_forward_inputs=False): the fp32 masks are cast to
         # the weights' dtype where they meet them, so their gradients accumulate in fp32. The teacher has no masks,
@@ -916,11 +923,14 @@ def train_step(run: Run, st: StageState) -> dict:
     counts = torch.zeros(D, dtype=torch.float64, device=run.device)
     kd_sum = torch.zeros(1, dtype=torch.float64, device=run.device)
     # FSDP2 reduce-scatters after every micro-batch, unless defer_grad_sync holds the unsharded fp32 gradients
-    # until the last one (one reduce-scatter a step: less traffic across nodes, more memory)
-    defer = stage.defer_grad_sync and isinstance(model, FSDPModule)
+    # until the last one (one reduce-scatter a step: less traffic across nodes, more memory). Under HSDP, the
+    # all-reduce across the replicas (nodes) of the sharded gradients is once a step either way
+    fsdp = isinstance(model, FSDPModule)
     for i in range(0, rows, mb):
-        if defer:
+        if fsdp and stage.defer_grad_sync:
             model.set_requires_gradient_sync(i + mb >= rows)
+        elif fsdp and c.dp_replicate > 1:
+            model.set_requires_all_reduce(i + mb >= rows)
         masks = l0(mask_generator(c.seed, step, lo + i)) if l0 is not None else None
         xi, yi = x[i:i + mb], y[i:i + mb]
         with run.autocast():
@@ -1216,11 +1226,14 @@ def main(argv=None):
         peer = "Connection closed by peer" in str(e)
         if not dist.is_initialized() or not (peer or "Timed out" in str(e)):
             raise
+        # gloo: the training loop's collectives on CPUs (collective_timeout), else only the control group's waits
+        # for one rank's work (RANK0_TIMEOUT; NCCL's watchdog ends a process whose collective timed out itself)
+        limit = (f"collective_timeout={cfg.collective_timeout} s" if dist.get_backend() == "gloo" else
+                 f"{RANK0_TIMEOUT.total_seconds():.0f} s (RANK0_TIMEOUT)")
         print(f"train.py: error: rank {dist.get_rank()}: " + (
             "another rank stopped (its own output says why)" if peer else
-            f"a collective waited more than collective_timeout={cfg.collective_timeout} s for the other ranks: one "
-            "of them hung or stopped (its own output says why); raise collective_timeout if a step or an evaluation "
-            "takes longer") + (f"; checkpoint {RunDir(cfg.out_dir).newest()} is intact: run the same command again "
+            f"a collective waited more than {limit} for the other ranks: one of them hung or stopped (its own "
+            "output says why); raise the limit if a step, an evaluation or an export takes longer") + (f"; checkpoint {RunDir(cfg.out_dir).newest()} is intact: run the same command again "
                                "to resume" if RunDir(cfg.out_dir).newest() else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: a save in progress is left as .tmp-*, never taken for a checkpoint

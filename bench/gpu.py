@@ -143,6 +143,7 @@ def free(device):
     """What a row left behind: FSDP2 modules hold reference cycles (hooks, states), so their memory goes only
     after a collection; then the caching allocator gives it back and the next row's peak starts from zero."""
     gc.collect()
+    torch._dynamo.reset()  # and the compiled graphs: each row compiles its own, within dynamo's recompile limit
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

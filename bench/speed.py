@@ -118,7 +118,7 @@ def compiled_twin(model: Transformer):
     with torch.device("meta"):
         twin = Transformer(model.config)
     for block in twin.model.layers:
-        block.compile()
+        block.compile_()
     return share_parameters(twin, model)
 
 

@@ -241,6 +241,18 @@ def test_activation_checkpointing_changes_nothing(setup, tmp_path):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
+def test_compiled_training_is_one_graph_per_stage(setup, tmp_path):
+    # compiled blocks (the GPU default) through importance init, checkpointing, distillation and evaluation: one
+    # graph serves every block of a stage (FSDP2's and the importance hooks stay outside it, evaluation runs
+    # eagerly), so a 32-layer model stays far below dynamo's recompile limit, past which it would run eagerly
+    from torch._dynamo.utils import counters
+    root, base, ref = setup
+    counters.clear()
+    assert train.main(base + [f"--out_dir={tmp_path / 'run'}", "--compile=true", "--mask_init=importance",
+                              "--prune_activation_checkpointing=1", "--distill_alpha=0.5"]) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # prune, cpt
+
+
 KD = ["--distill_alpha=0.6", "--distill_temperature=2", "--distill_prune=true", "--reference_loss=teacher",
       "--mask_init=importance"]
 
