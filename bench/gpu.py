@@ -41,7 +41,7 @@ sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/data.py must not shado
 import model as model_py  # noqa: E402
 import train  # noqa: E402
 from l0 import L0Module, TargetShape, mask_generator  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from report import PEAK_FLOPS  # noqa: E402
 from speed import SHAPES, TARGETS, pruned_config  # noqa: E402
 

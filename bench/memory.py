@@ -24,7 +24,6 @@ about 10% of the GPU free); bench/gpu.py measures real peaks.
 
 import argparse
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ def root_params(cfg: ModelConfig) -> int:
 
 
 @torch.no_grad()
-def _zero_(module):
+def _randomise_(module):
     for p in module.parameters():
         p.normal_(std=0.02)
 
@@ -62,7 +61,7 @@ def saved_bytes_per_token(cfg: ModelConfig, masked: bool, T: int = 256) -> tuple
     gathered ones after the forward and gathers them again for the backward)."""
     torch.manual_seed(0)
     block = Block(cfg).to(torch.bfloat16)
-    _zero_(block)
+    _randomise_(block)
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     x = torch.randn(1, T, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_cos_sin(cfg, T, x.device, x.dtype)
@@ -128,7 +127,6 @@ def main():
     src = SHAPES[args.source]
     small = pruned_config(src, TARGETS[args.source])
     shard = args.shard or args.gpus
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     SAVED = {(c.hidden_size, c.num_hidden_layers, m): saved_bytes_per_token(c, m) for c, m in ((src, True),
                                                                                                 (small, False))}
     for (d, L, m), (tok, w) in SAVED.items():
