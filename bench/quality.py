@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ import convert  # noqa: E402
 import report  # noqa: E402
 from checkpoint import RunDir  # noqa: E402
 from data import DomainBins  # noqa: E402
+from train import ConfigError, load_config  # noqa: E402
 
 # What every run of the study gets, on top of --config: config/demo.py's settings when the study began (the demo has
 # been tuned since, by what the study showed), pinned here so that the study does not move with the demo, and one
@@ -130,12 +132,25 @@ def study_config(args) -> dict:
     return {**cfg, **(STUDY if args.pin else {})}
 
 
+def command(args, out_dir: Path, options: list[str], seed: int, prune_steps: int, cpt_steps: int) -> list[str]:
+    return [sys.executable, "train.py", args.config, f"--init_from={args.model}", f"--data_dir={args.data_dir}",
+            f"--out_dir={out_dir}", f"--seed={seed}", f"--prune_steps={prune_steps}", f"--cpt_steps={cpt_steps}",
+            f"--save_interval={args.save_interval}", "--keep_checkpoints=1", "--eval_tasks=",
+            *([f"--{k}={v}" for k, v in STUDY.items()] if args.pin else []), *args.extra.split(),
+            *options]  # the variant's options last: they win
+
+
+def same_config(cmd: list[str]) -> dict:
+    """What a run trains: its train.py config, less where it writes (and the saving that does not change it)."""
+    ignore = {"out_dir", "save_interval", "keep_checkpoints"}
+    try:
+        return {k: v for k, v in asdict(load_config(cmd[2:])).items() if k not in ignore}
+    except ConfigError:  # a run of an older train.py, with options since renamed: not comparable
+        return {}
+
+
 def train(args, out_dir: Path, options: list[str], seed: int, prune_steps: int, cpt_steps: int) -> list[str]:
-    cmd = [sys.executable, "train.py", args.config, f"--init_from={args.model}", f"--data_dir={args.data_dir}",
-           f"--out_dir={out_dir}", f"--seed={seed}", f"--prune_steps={prune_steps}", f"--cpt_steps={cpt_steps}",
-           f"--save_interval={args.save_interval}", "--keep_checkpoints=1", "--eval_tasks=",
-           *([f"--{k}={v}" for k, v in STUDY.items()] if args.pin else []), *args.extra.split(),
-           *options]  # the variant's options last: they win
+    cmd = command(args, out_dir, options, seed, prune_steps, cpt_steps)
     if not (out_dir / "done.json").is_file():
         print(f"\n== {' '.join(cmd[1:])}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT)
@@ -257,6 +272,17 @@ def run(args):
                 save(args, res)
                 continue
             d = Path(args.out) / key.replace("|", "-").replace("+", "_").replace("/", "_")
+            # a variant that trains what a finished run of another trained (RECIPE/dro+eval is RECIPE when
+            # config/demo.py's weighting is dro+eval) is that run: its record, not a second run of it
+            cfg = same_config(command(args, d, options, seed, prune, cpt))
+            twin = next((k for k, r in res["runs"].items() if r["seed"] == seed and r["scoring"] == scoring(args)
+                         and "same_as" not in r and same_config(r["command"].split()) == cfg), None)
+            if twin is not None:
+                res["runs"][key] = {**res["runs"][twin], "variant": name, "options": options, "same_as": twin,
+                                    "budgets": sorted({args.budget} | set(res["runs"][twin]["budgets"]))}
+                save(args, res)
+                print(f"{key}: trains what {twin} trained; its record", flush=True)
+                continue
             t0 = time.time()
             cmd = train(args, d, options, seed, prune, cpt)
             wall = time.time() - t0

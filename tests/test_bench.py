@@ -62,6 +62,12 @@ def test_quality_study_on_the_tiny_model(setup, tmp_path):
     assert "== " not in text
     assert json.loads((tmp_path / "res" / "q.json").read_text())["runs"]["l0|4+4|s1"]["budgets"] == ["demo",
                                                                                                      "demo-tokens"]
+    # a variant that trains what a finished run trained is that run (l0/dro+eval is l0: dro+eval is the default)
+    text = run("bench/quality.py", "run", "--sweep", "weighting", "--recipe", "l0", "--only", "l0/dro+eval",
+               "--seeds", "1", *common)
+    assert "== " not in text and "trains what l0|4+4|s1 trained" in text
+    twin = json.loads((tmp_path / "res" / "q.json").read_text())["runs"]["l0/dro+eval|4+4|s1"]
+    assert twin["same_as"] == "l0|4+4|s1" and twin["final"] == l0["final"]
     text = run("bench/quality.py", "report", "--reps", "200", *common)
     md = (tmp_path / "res" / "q.md").read_text()
     assert md in text + "\n" and "Budget `demo`" in md and "Budget `demo-tokens`" in md
