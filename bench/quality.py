@@ -364,6 +364,14 @@ def standard_error(val: np.ndarray) -> float:
 
 # ---- report ----
 
+def cell(c, scale=1.0, lower=True) -> str:
+    """A paired comparison as a table cell: mean difference (per seed) [95% interval] verdict."""
+    if c is None or not c["seeds"]:
+        return ""
+    return (f"{scale * c['diff']:+.3f} ({', '.join(f'{scale * v:+.3f}' for v in c['per_seed'])}) "
+            f"[{scale * c['ci'][0]:+.3f}, {scale * c['ci'][1]:+.3f}] {verdict(c['ci'], lower)}")
+
+
 def report_main(args):
     res, results = load(args), Path(args.results)
     if not res["runs"]:
@@ -425,12 +433,6 @@ def report_main(args):
                                       pruned=[metrics(np.array(r["pruned"]["val"]))[0] for r in rs.values()
                                               if r["pruned"]])
 
-            def cell(c, scale=1.0, lower=True):
-                if c is None or not c["seeds"]:
-                    return ""
-                return (f"{scale * c['diff']:+.3f} ({', '.join(f'{scale * v:+.3f}' for v in c['per_seed'])}) "
-                        f"[{scale * c['ci'][0]:+.3f}, {scale * c['ci'][1]:+.3f}] {verdict(c['ci'], lower)}")
-
             sec = np.mean([sum(r["seconds"].values()) for r in rs.values()])
             tok = np.mean([sum(r["tokens"].values()) for r in rs.values()])
             lines.append(
@@ -441,6 +443,22 @@ def report_main(args):
                 + (" | ".join([cell(cmp["mean"]), cell(cmp["worst"]),
                                cell(cmp.get("tasks"), 100, lower=False) if cmp.get("tasks") else ""])
                    if cmp else "| |") + " |")
+        # the data scheduling on one recipe: against its constant mixture, the paper's claim being a lower worst
+        # domain at no cost in the mean
+        for base in dict.fromkeys(n.split("/")[0] for n in names if "/" in n):
+            null = f"{base}/constant"
+            if null not in by:
+                continue
+            lines += ["", f"The data scheduling of `{base}` against `{null}` (variant - constant, as above):", "",
+                      "| variant | seeds | mean vs constant | worst vs constant | downstream vs constant |",
+                      "|---" * 5 + "|"]
+            for n in [n for n in names if n.startswith(base + "/") and n != null]:
+                c = paired({s: r["final"] for s, r in by[n].items()}, {s: r["final"] for s, r in by[null].items()},
+                           rng, args.reps)
+                twins = sorted(str(r["seed"]) for r in by[n].values() if "same_as" in r)
+                lines.append(f"| {n}" + (f" (seed {', '.join(twins)}: the run of `{base}`)" if twins else "")
+                             + f" | {len(c['mean']['seeds'])} | {cell(c['mean'])} | {cell(c['worst'])} | "
+                             + (cell(c["tasks"], 100, lower=False) if c.get("tasks") else "") + " |")
         lines += ["", "After compaction (before continued pretraining), mean over domains: " + "; ".join(
             f"`{n}` {np.mean(s['pruned']):.3f}" for n, s in summary[budget].items() if s["pruned"]) + ".", ""]
     lines += ["Every run's command, seconds, tokens and scores are in the JSON (`runs`)."]
