@@ -275,8 +275,8 @@ def run(args):
             # a variant that trains what a finished run of another trained (RECIPE/dro+eval is RECIPE when
             # config/demo.py's weighting is dro+eval) is that run: its record, not a second run of it
             cfg = same_config(command(args, d, options, seed, prune, cpt))
-            twin = next((k for k, r in res["runs"].items() if r["seed"] == seed and r["scoring"] == scoring(args)
-                         and "same_as" not in r and same_config(r["command"].split()) == cfg), None)
+            twin = next((k for k, r in res["runs"].items() if cfg and r["seed"] == seed and "same_as" not in r
+                         and r["scoring"] == scoring(args) and same_config(r["command"].split()) == cfg), None)
             if twin is not None:
                 res["runs"][key] = {**res["runs"][twin], "variant": name, "options": options, "same_as": twin,
                                     "budgets": sorted({args.budget} | set(res["runs"][twin]["budgets"]))}
