@@ -77,6 +77,7 @@ VARIANTS = {
     # step, so at 0.5 a few steps reorder a ranking spread over 3), a third of the steps, three quarters of them
     # landing, the weights at the continued-pretraining rate
     "l0+imp@20": (["--mask_init=importance", "--lag_lr=0.02", "--prune_landing=0.75", "--prune_lr=6e-4"], 1 / 3, False),
+    "l0+imp@10": (["--mask_init=importance", "--lag_lr=0.02", "--prune_landing=0.75", "--prune_lr=6e-4"], 1 / 6, False),
     "l0+imp@20+kd": (["--mask_init=importance", "--lag_lr=0.02", "--prune_landing=0.75", "--prune_lr=6e-4", *KD],
                      1 / 3, True),
 }
