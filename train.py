@@ -835,6 +835,8 @@ def start_stage(run: Run, stage: Stage, model, resume: str | None) -> StageState
     st = StageState(stage, model, l0, optimizers, peaks,
                     MixtureSampler(run.bins, stage.seq_len, stage.batch_size, seed=c.seed + STAGES.index(stage.name)),
                     run.make_weighter(reference), kd=run.teacher is not None and c.distills(stage.name))
+    if run.teacher is not None and stage is run.stages[-1] and not st.kd:
+        run.teacher = None  # its last references are measured and it distils no more: free its memory now
     if resume is not None:
         state = checkpoint.load(resume, model, optimizers[0])
         if l0 is not None:

@@ -268,6 +268,25 @@ def test_reference_loss_from_the_teacher_is_its_validation_loss(setup, tmp_path)
     assert [first[f"reference_loss/{d}"] for d in ("easy", "mid", "hard")] == pytest.approx(measured, abs=1e-9)
 
 
+def test_the_teacher_is_freed_once_no_stage_needs_it(setup, tmp_path, monkeypatch):
+    # references from the teacher without distillation: measured where each stage starts, so the teacher is kept
+    # through pruning and dropped when the last stage has measured its own; distilling keeps it to the end
+    root, base, ref = setup
+    seen, start = [], train.start_stage
+
+    def spy(run, stage, model, resume):
+        st = start(run, stage, model, resume)
+        seen.append((stage.name, run.teacher is not None))
+        return st
+    monkeypatch.setattr(train, "start_stage", spy)
+    assert train.main(base + [f"--out_dir={tmp_path / 'ref'}", "--reference_loss=teacher"]) == 0
+    assert seen == [("prune", True), ("cpt", False)]
+    assert all("reference_loss/easy" in r for r in metrics(tmp_path / "ref") if r.get("step") == 0)
+    seen.clear()
+    assert train.main(base + [f"--out_dir={tmp_path / 'kd'}", "--reference_loss=teacher", "--distill_alpha=0.5"]) == 0
+    assert seen == [("prune", True), ("cpt", True)]
+
+
 def test_distillation_resumes_exactly_and_two_processes_match(setup, tmp_path):
     # distillation in both stages, references from the teacher, importance init: stopped and resumed == one go,
     # bit for bit; 2 FSDP processes (teacher blocks sharded too) == 1
