@@ -52,17 +52,17 @@ cpt_seq_len = 128
 cpt_lr = 6e-4  # 2e-4 (the earlier demo) and 1.2e-3 recovered more slowly in the pilots
 cpt_warmup = 0.1
 
-# the domain weights are updated at every evaluation; each costs 1.5-2 training steps here (3.4 s), so every 20
+# the domain weights are updated at every evaluation; each costs 1.5-2 training steps (3.4 s on a Xeon), so every 20
 # steps and at the end of each stage (8 sequences of 128 tokens per domain, in one batch)
 eval_interval = 20
 eval_batches = 1
 eval_batch_size = 8
 log_interval = 2
-save_interval = 1000  # so only right after compaction, which a resume never repeats: a 7-minute run needs no more
+save_interval = 1000  # so only right after compaction, which a resume never repeats: a run of minutes needs no more
 keep_checkpoints = 1
 
 # zero-shot accuracy of the source, compacted and final models (report.py, as lm-evaluation-harness scores it): the
-# first 50 validation examples of five tasks, 8-16 s per model on 2 CPU cores (make tasks fetches the data); the
+# first 50 validation examples of five tasks, 20-40 s per model on 2 cores of an EPYC (make tasks fetches the data); the
 # quality study scores 100 (bench/quality.py)
 eval_tasks = "arc_easy,hellaswag,piqa,sciq,winogrande"
 eval_tasks_limit = 50
