@@ -553,6 +553,7 @@ class Run:
         self.train_seconds = 0.0  # the stages' training steps (their clocks, across resumes)
         self.plotted = time.perf_counter()  # when plots/ was last drawn (evaluate_and_update redraws it now and then)
         self.sigterm = False  # set by the SIGTERM handler; read at the end of each step, all ranks together
+        self.raised_together = False  # on_master raised its error on every rank: they can still leave together
 
     def log(self, msg: str):
         if self.master:
@@ -577,6 +578,7 @@ class Run:
             shared = broadcast_object(shared)
             error = error if self.master else shared
         if error is not None:
+            self.raised_together = self.world > 1
             raise error
         return result
 
@@ -1253,6 +1255,11 @@ def main(argv=None):
         if old_sigterm is not None:  # in-process callers (tests, notebooks) get their handler back
             signal.signal(signal.SIGTERM, old_sigterm)
         if dist.is_initialized():
+            if run is not None and run.raised_together:  # every rank has the error: leave together, as above
+                try:
+                    barrier()
+                except RuntimeError:
+                    pass
             dist.destroy_process_group()
     return 0
 
