@@ -8,7 +8,7 @@ held-out set, and 95% confidence intervals from a paired bootstrap.
     python bench/quality.py run --budget 4x --seeds 1337   # the same, 4x the time (resumable, in pieces)
     python bench/quality.py run --budget demo-tokens       # the demo's token count instead of its seconds
     python bench/quality.py run --budget demo --sweep weighting --recipe l0+imp   # the data scheduling
-    python bench/quality.py report                         # tables, verdicts and plots of what has been run
+    python bench/quality.py report --against oneshot,l0+imp@20   # tables, verdicts and plots of what has been run
 
 Design:
 - Variants (VARIANTS; --sweep weighting makes `RECIPE/METHOD` variants of one recipe) are train.py config/demo.py
@@ -24,8 +24,8 @@ Design:
   validation split (per sequence, so that the bootstrap can resample them), of the compacted model (pruned/) and
   the final one (hf/); the mean over domains and the worst domain; zero-shot accuracy of the final model on --tasks
   (the first --limit validation examples of each, scored as lm-evaluation-harness scores them), averaged over tasks.
-- Statistics: every variant against a reference (--against, default the first) on the seeds both have: the mean
-  over seeds of the per-seed difference, and a 95% interval from a paired bootstrap that resamples seeds and,
+- Statistics: every variant against a reference (--against, default the first; more than one: a table each) on the
+  seeds both have: the mean over seeds of the per-seed difference, and a 95% interval from a paired bootstrap that resamples seeds and,
   jointly for both variants, held-out sequences (per domain) or task examples (per task). "better" / "worse" when
   the interval excludes 0, else "not distinguishable".
 
@@ -323,10 +323,14 @@ def accuracy(tasks: list[np.ndarray], idx: list | None = None) -> np.ndarray:
     return np.mean([t[..., i].mean(-1) for t, i in zip(tasks, idx)], 0)
 
 
-def paired(a: dict, b: dict, rng, reps: int) -> dict:
+def paired(a: dict, b: dict, reps: int) -> dict:
     """a, b: {seed: scores} -> per measure: the mean over seeds of a - b, each seed's, and a 95% paired bootstrap
-    interval over seeds and held-out sequences / task examples."""
+    interval over seeds and held-out sequences / task examples. Every comparison draws its resamples from a fresh
+    generator, so that its interval depends on its data alone (not on which comparisons a report made before it)."""
     seeds = sorted(set(a) & set(b))
+    if not seeds:  # nothing paired: no difference to report
+        return {m: dict(diff=None, per_seed=[], ci=None, seeds=[]) for m in ("mean", "worst")}
+    rng = np.random.default_rng(0)
     va = np.array([a[s]["val"] for s in seeds])  # (S, D, N)
     vb = np.array([b[s]["val"] for s in seeds])
     S, D, N = va.shape
@@ -377,11 +381,10 @@ def report_main(args):
     res, results = load(args), Path(args.results)
     if not res["runs"]:
         sys.exit(f"{results} holds no runs yet: python bench/quality.py run ...")
-    rng = np.random.default_rng(0)
     bins = DomainBins(str(ROOT / args.data_dir))
     src = res["source"]
     lines = [f"# Quality study: results so far", "",
-             f"Written by `python bench/quality.py report` from [{results.name}]({results.name}) at commit "
+             f"Written by `python bench/quality.py report{' --against ' + args.against if args.against else ''}` from [{results.name}]({results.name}) at commit "
              f"{commit()}. Held-out set: the first {src['scoring']['val_seqs']} sequences of "
              f"{src['scoring']['seq_len']} tokens of each domain's validation split "
              f"({src['scoring']['val_seqs'] * src['scoring']['seq_len']:,} tokens per domain)"
@@ -412,13 +415,15 @@ def report_main(args):
         if not runs:
             continue
         names = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: order(r["variant"]))))
-        ref = args.against if args.against in names else names[0]
+        refs = [a for a in args.against.split(",") if a in names] or names[:1]
+        ref = refs[0]
         by = {n: {r["seed"]: r for r in runs if r["variant"] == n} for n in names}
         kind, factor = BUDGETS[budget]
         lines += [f"## Budget `{budget}`: {'equal training seconds' if kind == 'seconds' else 'equal tokens'}, "
                   f"{factor}x the demo's", "",
-                  f"Against `{ref}`, the difference (variant - {ref}) as the mean over seeds, each seed's in brackets, "
-                  "and its 95% interval; loss: lower is better, accuracy: higher.", "",
+                  f"Against `{ref}`, the difference (variant - {ref}) as the mean over the seeds both have, each "
+                  "seed's in brackets, and its 95% interval; loss: lower is better, accuracy: higher. The final "
+                  "scores are over all of a variant's seeds.", "",
                   "| variant | steps (prune + cpt) | training s | tokens | seeds | final mean | final worst | "
                   f"downstream % | mean vs {ref} | worst vs {ref} | downstream vs {ref} |", "|---" * 11 + "|"]
         summary[budget] = {}
@@ -428,7 +433,7 @@ def report_main(args):
             fm = np.array([metrics(np.array(r["final"]["val"])) for r in rs.values()])  # (S, 2)
             acc = [100 * accuracy([np.array([int(c) for c in t]) for t in r["final"]["tasks"].values()])
                    for r in rs.values() if r["final"].get("tasks")]
-            cmp = paired({s: r["final"] for s, r in rs.items()}, {s: r["final"] for s, r in by[ref].items()}, rng,
+            cmp = paired({s: r["final"] for s, r in rs.items()}, {s: r["final"] for s, r in by[ref].items()},
                          args.reps) if n != ref else None
             summary[budget][n] = dict(mean=fm[:, 0].tolist(), worst=fm[:, 1].tolist(), acc=acc, vs=cmp, ref=ref,
                                       pruned=[metrics(np.array(r["pruned"]["val"]))[0] for r in rs.values()
@@ -444,6 +449,15 @@ def report_main(args):
                 + (" | ".join([cell(cmp["mean"]), cell(cmp["worst"]),
                                cell(cmp.get("tasks"), 100, lower=False) if cmp.get("tasks") else ""])
                    if cmp else "| |") + " |")
+        for other in refs[1:]:  # further references (--against A,B): the variants of the sweep against B
+            lines += ["", f"Against `{other}` (variant - {other}, as above):", "",
+                      f"| variant | seeds | mean vs {other} | worst vs {other} | downstream vs {other} |",
+                      "|---" * 5 + "|"]
+            for n in [n for n in names if n != other and "/" not in n]:
+                c = paired({s: r["final"] for s, r in by[n].items()}, {s: r["final"] for s, r in by[other].items()},
+                           args.reps)
+                lines.append(f"| {n} | {len(c['mean']['seeds'])} | {cell(c['mean'])} | {cell(c['worst'])} | "
+                             + (cell(c["tasks"], 100, lower=False) if c.get("tasks") else "") + " |")
         # the data scheduling on one recipe: against its constant mixture, the paper's claim being a lower worst
         # domain at no cost in the mean
         for base in dict.fromkeys(n.split("/")[0] for n in names if "/" in n):
@@ -455,7 +469,7 @@ def report_main(args):
                       "|---" * 5 + "|"]
             for n in [n for n in names if n.startswith(base + "/") and n != null]:
                 c = paired({s: r["final"] for s, r in by[n].items()}, {s: r["final"] for s, r in by[null].items()},
-                           rng, args.reps)
+                           args.reps)
                 twins = sorted(str(r["seed"]) for r in by[n].values() if "same_as" in r)
                 lines.append(f"| {n}" + (f" (seed {', '.join(twins)}: the run of `{base}`)" if twins else "")
                              + f" | {len(c['mean']['seeds'])} | {cell(c['mean'])} | {cell(c['worst'])} | "
@@ -529,7 +543,8 @@ def main():
     ap.add_argument("--val_seqs", type=int, default=128, help="scoring: held-out sequences per domain")
     ap.add_argument("--tasks", default="arc_easy,hellaswag,piqa,sciq,winogrande")
     ap.add_argument("--limit", type=int, default=100, help="downstream: the first N validation examples of each")
-    ap.add_argument("--against", default="", help="report: the reference variant (default: the first)")
+    ap.add_argument("--against", default="", help="report: the reference variant (default: the first); more, "
+                    "comma-separated, add a table against each")
     ap.add_argument("--reps", type=int, default=2000, help="report: bootstrap resamples")
     ap.add_argument("--out", default="out/quality-study", help="the runs' out_dirs")
     ap.add_argument("--results", default="bench/results/quality-study.json", help="every run's numbers (and .md)")

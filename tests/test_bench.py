@@ -68,12 +68,31 @@ def test_quality_study_on_the_tiny_model(setup, tmp_path):
     assert "== " not in text and "trains what l0|4+4|s1 trained" in text
     twin = json.loads((tmp_path / "res" / "q.json").read_text())["runs"]["l0/dro+eval|4+4|s1"]
     assert twin["same_as"] == "l0|4+4|s1" and twin["final"] == l0["final"]
-    text = run("bench/quality.py", "report", "--reps", "200", *common)
+    text = run("bench/quality.py", "report", "--reps", "200", "--against", "oneshot,l0", *common)
     md = (tmp_path / "res" / "q.md").read_text()
     assert md in text + "\n" and "Budget `demo`" in md and "Budget `demo-tokens`" in md
     row = next(line for line in md.splitlines() if line.startswith("| l0 | 4 + 4"))
     assert any(v in row for v in ("better", "worse", "not distinguishable"))  # against oneshot, the first
+    second = md.split("Against `l0` (variant - l0")[1].split("\n\n")[1].splitlines()  # the table against l0
+    assert second[2].startswith("| oneshot | 2 | ") and "l0/dro+eval" not in "".join(second)
     assert (tmp_path / "quality-study.png").stat().st_size > 1000
+
+
+def test_paired_bootstrap_depends_on_its_data_alone():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import numpy as np
+    import quality
+    g = np.random.default_rng(1)
+    b = {s: {"val": g.normal(3, 0.5, (3, 40)).tolist()} for s in (1, 2, 3)}
+    a = {s: {"val": (np.array(v["val"]) + 0.2).tolist()} for s, v in b.items()}  # 0.2 worse everywhere
+    first = quality.paired(a, b, 300)
+    quality.paired(b, {s: b[s] for s in (1, 2)}, 300)  # another comparison in between changes nothing
+    again = quality.paired(a, b, 300)
+    assert first == again and abs(first["mean"]["diff"] - 0.2) < 1e-9 and first["mean"]["seeds"] == [1, 2, 3]
+    assert quality.verdict(first["mean"]["ci"], lower_is_better=True) == "worse"
+    assert quality.verdict(quality.paired(b, a, 300)["worst"]["ci"], lower_is_better=True) == "better"
+    none = quality.paired(a, {4: b[1]}, 300)  # no seed in common: no difference, an empty cell
+    assert none["mean"]["seeds"] == [] and quality.cell(none["mean"]) == ""
 
 
 def test_memory_plan_orders_the_settings():
