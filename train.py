@@ -151,7 +151,7 @@ class TrainConfig:
     tensorboard_dir: str = ""  # write the numbers for TensorBoard there too (needs `pip install tensorboard`)
     # system
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
+    dtype: str = "auto"  # auto (bfloat16 where native: GPU, AVX512-BF16/AMX CPU; else float32) | float32 | bfloat16
     compile: str = "auto"  # torch.compile each block's training forward (Block.compile_): auto (on GPU) | true | false
     # memory against speed, per stage (docs/operations.md, "Memory plan"): the defaults hold the least memory
     prune_activation_checkpointing: int = 0  # recompute every k-th block in the backward (1: all); 0 = off
@@ -378,10 +378,18 @@ def setup_distributed(cfg: TrainConfig):
     return rank, world, device, mesh
 
 
+def native_bf16(device) -> bool:
+    """Does the device multiply in bf16 natively? A GPU does; so does a CPU with AVX512-BF16 or AMX (Zen 4, Cooper
+    Lake, Sapphire Rapids and later), where oneDNN's bf16 matmuls run at 4-5x its fp32 rate. An AVX2-only CPU
+    emulates them, many times slower than fp32."""
+    if device.type == "cuda":
+        return True
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def compute_dtype(cfg: TrainConfig, device) -> torch.dtype:
     if cfg.dtype == "auto":
-        # on CPUs without native bf16 (AVX2 only), bf16 matmuls are many times slower than fp32
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     return getattr(torch, cfg.dtype)
 
 

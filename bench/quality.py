@@ -134,9 +134,10 @@ def study_config(args) -> dict:
 
 
 def command(args, out_dir: Path, options: list[str], seed: int, prune_steps: int, cpt_steps: int) -> list[str]:
+    # fp32 on every CPU (dtype=auto would take bf16 where it is native): the recorded runs and the calibration are fp32
     return [sys.executable, "train.py", args.config, f"--init_from={args.model}", f"--data_dir={args.data_dir}",
             f"--out_dir={out_dir}", f"--seed={seed}", f"--prune_steps={prune_steps}", f"--cpt_steps={cpt_steps}",
-            f"--save_interval={args.save_interval}", "--keep_checkpoints=1", "--eval_tasks=",
+            f"--save_interval={args.save_interval}", "--keep_checkpoints=1", "--eval_tasks=", "--dtype=float32",
             *([f"--{k}={v}" for k, v in STUDY.items()] if args.pin else []), *args.extra.split(),
             *options]  # the variant's options last: they win
 

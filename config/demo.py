@@ -1,6 +1,7 @@
 # The demo: prune the embedded SmolLM2-135M (576 hidden, 30 layers, 9/3 heads, MLP 1536) on the demo corpus with
-# DRO data scheduling, compact it, continue pretraining, export: minutes on 2 CPU cores (docs/results.md), in fp32
-# (on a CPU without native bf16, bf16 is many times slower). The same config runs unchanged on a GPU (bf16 there).
+# DRO data scheduling, compact it, continue pretraining, export: minutes on 2 CPU cores (docs/results.md), with bf16
+# matmuls where the CPU has them natively (AVX512-BF16 or AMX), else in fp32 (dtype=auto: an AVX2-only CPU runs bf16
+# many times slower). The same config runs unchanged on a GPU (bf16 there).
 #   make demo      (or: python train.py config/demo.py, then python train.py report out/demo)
 init_from = "models/smollm2-135m"
 data_dir = "data/demo"
@@ -24,8 +25,9 @@ reference_loss = {"code": 3.254, "legal": 2.388, "changelog": 3.788, "man": 3.57
 # The recipe, from what the quality study measured at this budget (docs/results.md, "Quality study"): a short pruning
 # stage from the importance ranking (10 steps beat 20 on each of 3 seeds, by 0.05 nats of mean loss), then most of
 # the time in continued pretraining of the compact model, which trains on about twice as many tokens per second as
-# the masked full one. 10 + 128 steps are the study's `l0+imp@10`: the seconds of the earlier demo's 60 + 60 steps on
-# the study's machine. Each step is one forward and backward (micro-batch = batch): on 2 cores of a Xeon the larger
+# the masked full one. The study's `l0+imp@10` is 10 + 128 steps: the seconds of the earlier demo's 60 + 60 steps in
+# fp32 on the study's machine. In bf16 a step there takes about half the time, so the demo continues for 200 steps in
+# 70% of those seconds (382 s against 550 on 2 cores of a Zen 4 EPYC; an fp32-only CPU takes 1.5x them). Each step is one forward and backward (micro-batch = batch): on 2 cores of a Xeon the larger
 # matmuls train 11% (continued pretraining) to 22% (pruning) more tokens a second than two micro-batches.
 mask_init = "importance"  # log_alpha from an activation ranking (4 batches) instead of all at ln 100
 prune_steps = 10
@@ -45,16 +47,16 @@ lagrangian_warmup = 0.5
 # holding it over 4, while the weights adapt to the masks compaction will apply (docs/results.md)
 prune_landing = 0.75
 
-cpt_steps = 128
+cpt_steps = 200
 cpt_batch_size = 8
 cpt_micro_batch_size = 8
 cpt_seq_len = 128
 cpt_lr = 6e-4  # 2e-4 (the earlier demo) and 1.2e-3 recovered more slowly in the pilots
 cpt_warmup = 0.1
 
-# the domain weights are updated at every evaluation; each costs 1.5-2 training steps (3.4 s on a Xeon), so every 20
-# steps and at the end of each stage (8 sequences of 128 tokens per domain, in one batch)
-eval_interval = 20
+# the domain weights are updated at every evaluation; each costs about 1.2 training steps (2.4 s in bf16 on the EPYC),
+# so every 25 steps and at the end of each stage (8 sequences of 128 tokens per domain, in one batch)
+eval_interval = 25
 eval_batches = 1
 eval_batch_size = 8
 log_interval = 2
@@ -62,7 +64,7 @@ save_interval = 1000  # so only right after compaction, which a resume never rep
 keep_checkpoints = 1
 
 # zero-shot accuracy of the source, compacted and final models (report.py, as lm-evaluation-harness scores it): the
-# first 50 validation examples of five tasks, 20-40 s per model on 2 cores of an EPYC (make tasks fetches the data); the
-# quality study scores 100 (bench/quality.py)
+# first 50 validation examples of five tasks, 7-14 s per model in bf16 on 2 cores of the EPYC (20-40 s in fp32); make
+# tasks fetches the data; the quality study scores 100 (bench/quality.py)
 eval_tasks = "arc_easy,hellaswag,piqa,sciq,winogrande"
 eval_tasks_limit = 50

@@ -2,6 +2,8 @@
 #   python train.py config/tiny.py --init_from=MODEL_DIR --data_dir=DATA_DIR --out_dir=out/tiny
 out_dir = "out/tiny"
 seed = 0
+# fp32 on every CPU: the tests compare runs to the bit (resumes, 1 against 2 processes), which bf16 rounding breaks
+dtype = "float32"
 domain_weighting = "dro+eval"
 reference_loss = None  # set per dataset; with None, use dro+dy or constant
 

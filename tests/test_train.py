@@ -164,6 +164,18 @@ def test_shipped_configs_load():
     assert llama.target_hidden_size == 2560 and len(llama.reference_loss) == 7 and llama.cpt_steps == 0
 
 
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch):
+    cfg, cpu = train.TrainConfig(), torch.device("cpu")
+    for avx512_bf16, amx, want in ((False, False, torch.float32), (True, False, torch.bfloat16),
+                                   (False, True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert train.compute_dtype(cfg, cpu) == want
+        assert train.compute_dtype(train.TrainConfig(dtype="float32"), cpu) == torch.float32
+    assert train.compute_dtype(cfg, torch.device("cuda")) == torch.bfloat16
+    assert train.load_config([str(ROOT / "config" / "tiny.py")]).dtype == "float32"  # the tests' exact comparisons
+
+
 def test_eval_says_its_sequences_and_matches_report_on_the_same_ones(setup, capsys):
     root, base, ref = setup
     c = json.loads((ref / "config.json").read_text())
