@@ -27,8 +27,9 @@ reference_loss = {"code": 3.254, "legal": 2.388, "changelog": 3.788, "man": 3.57
 # the time in continued pretraining of the compact model, which trains on about twice as many tokens per second as
 # the masked full one. The study's `l0+imp@10` is 10 + 128 steps: the seconds of the earlier demo's 60 + 60 steps in
 # fp32 on the study's machine. In bf16 a step there takes about half the time, so the demo continues for 200 steps in
-# 70% of those seconds (382 s against 550 on 2 cores of a Zen 4 EPYC; an fp32-only CPU takes 1.5x them). Each step is one forward and backward (micro-batch = batch): on 2 cores of a Xeon the larger
-# matmuls train 11% (continued pretraining) to 22% (pruning) more tokens a second than two micro-batches.
+# less than those seconds (356 s against 550 on 2 cores of a Zen 4 EPYC; in fp32 they would take about 835 s). Each
+# step is one forward and backward (micro-batch = batch): on 2 cores of a Xeon the larger matmuls train 11%
+# (continued pretraining) to 22% (pruning) more tokens a second than two micro-batches.
 mask_init = "importance"  # log_alpha from an activation ranking (4 batches) instead of all at ln 100
 prune_steps = 10
 prune_batch_size = 4
