@@ -1217,7 +1217,10 @@ def main(argv=None):
             run.sigterm = True
         if threading.current_thread() is threading.main_thread():  # (signal handlers live in the main thread)
             old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
-        if run.dir.prepare(asdict(cfg), RESUMABLE, FIXED_ON_RESUME, run.master, run.log) == "done":
+        # config.json holds the precision dtype=auto resolved to: resumed where it resolves otherwise (another CPU),
+        # a run is refused like any changed setting instead of going on in another precision
+        recorded = {**asdict(cfg), "dtype": str(run.dtype).removeprefix("torch.")}
+        if run.dir.prepare(recorded, RESUMABLE, FIXED_ON_RESUME, run.master, run.log) == "done":
             run.log(f"{cfg.out_dir} is a finished run (done.json); its model is in {cfg.out_dir}/hf. Nothing to do.")
             return 0
         ckpt = run.dir.find_resume(run.rank, run.world, run.log)

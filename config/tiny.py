@@ -2,7 +2,7 @@
 #   python train.py config/tiny.py --init_from=MODEL_DIR --data_dir=DATA_DIR --out_dir=out/tiny
 out_dir = "out/tiny"
 seed = 0
-# fp32 on every CPU: the tests compare runs to the bit (resumes, 1 against 2 processes), which bf16 rounding breaks
+# fp32 on every CPU: the tests compare resumes to the bit and 2 processes with 1 to fp32 rounding, which bf16 breaks
 dtype = "float32"
 domain_weighting = "dro+eval"
 reference_loss = None  # set per dataset; with None, use dro+dy or constant

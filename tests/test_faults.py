@@ -288,6 +288,21 @@ def test_other_config_is_refused_listing_the_keys(setup, stopped, tmp_path, caps
     assert tree(run) == before
 
 
+def test_resume_where_auto_precision_differs_is_refused(setup, stopped, tmp_path, capsys, monkeypatch):
+    # config.json records what dtype=auto resolved to (the stopped run: float32), so a CPU with native bf16 refuses
+    root, base, ref = setup
+    run = tmp_path / "run"
+    shutil.copytree(stopped, run)
+    before = tree(run)
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.main(base + [f"--out_dir={run}", "--dtype=auto"]) == 2
+    one_line(capsys.readouterr().err, "another config (dtype differ)", "--allow_changes=dtype")
+    assert tree(run) == before
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)  # where auto is float32, as recorded: resumes
+    assert train.main(base + [f"--out_dir={run}", "--dtype=auto"]) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_resumed_past_a_shortened_stage_goes_on_to_the_next(setup, stopped, tmp_path):
     # stopped at prune step 4; prune_steps lowered to 3 on resume: the stage is over, compaction and cpt follow
     root, base, ref = setup
